@@ -1,0 +1,1 @@
+"""MRF-EPI: sequence timing, the shared signal model, dictionary and matching."""
