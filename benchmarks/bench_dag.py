@@ -1,0 +1,47 @@
+"""Time `snakemake -n` (DAG and plan) on a synthetic BIDS dataset of N subjects (empty files).
+
+    .venv/bin/python benchmarks/bench_dag.py --subjects 1000 [--profile profiles/slurm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bidsfixture import make_dataset  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--subjects", type=int, default=1000)
+    ap.add_argument("--profile", default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_dataset(Path(tmp) / "bids", args.subjects, empty=True)
+        cmd = [
+            sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", "2",
+            "--snakefile", str(ROOT / "Snakefile"), "--directory", tmp,
+            "--config", f"bids_dir={root}", f"output_dir={tmp}/out", f"work_dir={tmp}/work",
+        ]
+        if args.profile:
+            cmd += ["--profile", str(ROOT / args.profile)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"snakemake -n failed with status {proc.returncode}")
+    jobs = [line for line in proc.stdout.splitlines() if line.strip().startswith("total")]
+    print(f"snakemake -n on {args.subjects} subjects: {elapsed:.1f} s ({jobs[-1].strip() if jobs else '?'})")
+    print(f"target < 30 s: {'PASS' if elapsed < 30 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+# Dataset-level outputs: the derivatives' dataset_description.json and the cohort tables.
+
+
+rule dataset_description:
+    output:
+        f"{OUT}/dataset_description.json",
+    params:
+        bids_dir=PLAN.bids_dir,
+    log:
+        f"{WORK}/logs/dataset_description.log",
+    conda:
+        "../envs/inputs.yaml"
+    script:
+        "../scripts/dataset_description.py"
+
+
+rule participant:
+    input:
+        f"{OUT}/dataset_description.json",
+        expand(f"{WORK}/inputs/{{stem}}_inputs.json", stem=STEMS),
+
+
+rule group_inputs:
+    input:
+        checks=expand(f"{WORK}/inputs/{{stem}}_inputs.json", stem=STEMS),
+    output:
+        f"{OUT}/group/inputs.tsv",
+    params:
+        subjects=[PLAN.subjects[s] for s in STEMS],
+        problems=PLAN.problems,
+    log:
+        f"{WORK}/logs/group_inputs.log",
+    conda:
+        "../envs/inputs.yaml"
+    script:
+        "../scripts/group_inputs.py"
+
+
+rule group:
+    input:
+        f"{OUT}/dataset_description.json",
+        f"{OUT}/group/inputs.tsv",

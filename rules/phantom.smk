@@ -1,0 +1,19 @@
+# The digital phantom: generated when config bids_dir is null (the default).
+
+if PLAN.phantom:
+
+    rule phantom:
+        output:
+            description=f"{PLAN.bids_dir}/dataset_description.json",
+            participants=f"{PLAN.bids_dir}/participants.tsv",
+            files=[f for s in PLAN.subjects.values() for f in (*s.files.values(), s.sidecar)],
+        params:
+            out=PLAN.bids_dir,
+            cfg=config["phantom"],
+        threads: 2
+        log:
+            f"{WORK}/logs/phantom.log",
+        conda:
+            "../envs/phantom.yaml"
+        script:
+            "../scripts/phantom.py"

@@ -1,0 +1,311 @@
+"""BIDS input discovery: a fast indexer plus config-driven selection of each subject's inputs.
+
+pybids builds a database of every file and is far too slow for cohort-sized datasets (minutes for
+10,000 subjects); this module walks only ``sub-*/[ses-*/]<datatype>/`` with ``os.scandir`` and
+parses BIDS entities from file names, which indexes 10,000 subjects in a few seconds
+(``benchmarks/bench_discovery.py``).
+
+A subject whose inputs are missing or ambiguous is not fatal: :func:`discover` returns it as an
+:class:`InputProblem` with one line naming the subject and the file, and the other subjects run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+INPUT_KINDS = ("mrf", "t2w", "flair", "lesion")
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_ENTITY = re.compile(r"^([a-z]+)-([A-Za-z0-9]+)$")
+
+
+class BIDSError(ValueError):
+    """The dataset as a whole cannot be used (missing root, broken participants.tsv...)."""
+
+
+@dataclass(frozen=True)
+class BIDSFile:
+    path: str
+    subject: str
+    session: str | None
+    datatype: str
+    entities: tuple[tuple[str, str], ...]
+    suffix: str
+    extension: str
+
+    def entity(self, key: str) -> str | None:
+        for k, v in self.entities:
+            if k == key:
+                return v
+        return None
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    subject: str
+    session: str | None
+    file: str
+    reason: str
+
+    @property
+    def key(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.reason}: {self.file}"
+
+
+@dataclass(frozen=True)
+class SubjectInputs:
+    subject: str
+    session: str | None
+    site: str
+    group: str | None
+    files: Mapping[str, str]  # kind -> path
+
+    @property
+    def key(self) -> str:
+        """``sub-X`` or ``sub-X_ses-Y``: the prefix of every output file name."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+    @property
+    def folder(self) -> str:
+        """``sub-X`` or ``sub-X/ses-Y``."""
+        return f"sub-{self.subject}" + (f"/ses-{self.session}" if self.session else "")
+
+    @property
+    def sidecar(self) -> str:
+        return _sidecar_path(self.files["mrf"])
+
+
+@dataclass
+class Discovery:
+    subjects: list[SubjectInputs] = field(default_factory=list)
+    problems: list[InputProblem] = field(default_factory=list)
+
+    def by_key(self) -> dict[str, SubjectInputs]:
+        return {s.key: s for s in self.subjects}
+
+
+def _sidecar_path(path: str) -> str:
+    name = os.path.basename(path)
+    stem = name.split(".", 1)[0]
+    return os.path.join(os.path.dirname(path), stem + ".json")
+
+
+def parse_name(name: str) -> tuple[tuple[tuple[str, str], ...], str, str] | None:
+    """Split a BIDS file name into (entities, suffix, extension); None if it is not BIDS-like."""
+    if name.startswith("."):
+        return None
+    stem, dot, ext = name.partition(".")
+    if not dot:
+        return None
+    parts = stem.split("_")
+    suffix = parts[-1]
+    if not _LABEL.match(suffix):
+        return None
+    entities = []
+    for part in parts[:-1]:
+        m = _ENTITY.match(part)
+        if m is None:
+            return None
+        entities.append((m.group(1), m.group(2)))
+    return tuple(entities), suffix, "." + ext
+
+
+def _scandir_dirs(path: str, prefix: str) -> list[str]:
+    try:
+        with os.scandir(path) as it:
+            return [e.name for e in it if e.name.startswith(prefix) and e.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def index_dataset(root: str | os.PathLike[str], datatypes: Iterable[str] = ("anat",)) -> list[BIDSFile]:
+    """Every BIDS-named file under ``root/sub-*/[ses-*/]<datatype>/``."""
+    root = os.fspath(root)
+    wanted = set(datatypes)
+    out: list[BIDSFile] = []
+    for sub_dir in sorted(_scandir_dirs(root, "sub-")):
+        subject = sub_dir[4:]
+        sub_path = os.path.join(root, sub_dir)
+        sessions: list[tuple[str | None, str]] = [(None, sub_path)]
+        sessions += [(s[4:], os.path.join(sub_path, s)) for s in sorted(_scandir_dirs(sub_path, "ses-"))]
+        for session, ses_path in sessions:
+            for datatype in wanted:
+                dt_path = os.path.join(ses_path, datatype)
+                try:
+                    it = os.scandir(dt_path)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                with it:
+                    for entry in it:
+                        parsed = parse_name(entry.name)
+                        if parsed is None:
+                            continue
+                        entities, suffix, ext = parsed
+                        ent = dict(entities)
+                        if ent.get("sub") != subject or ent.get("ses") != session:
+                            continue  # file name disagrees with its folder: not a valid BIDS file
+                        out.append(BIDSFile(entry.path, subject, session, datatype, entities, suffix, ext))
+    return out
+
+
+def read_participants(root: str | os.PathLike[str], site_column: str) -> dict[str, dict[str, str]]:
+    """participants.tsv as {label: row}; raises BIDSError naming the problem."""
+    path = Path(root) / "participants.tsv"
+    if not path.is_file():
+        raise BIDSError(f"participants.tsv not found: {path}")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        if reader.fieldnames is None or "participant_id" not in reader.fieldnames:
+            raise BIDSError(f"participants.tsv has no participant_id column: {path}")
+        if site_column not in reader.fieldnames:
+            raise BIDSError(f"participants.tsv has no '{site_column}' column (config site_column): {path}")
+        rows: dict[str, dict[str, str]] = {}
+        duplicates: set[str] = set()
+        for row in reader:
+            pid = (row.get("participant_id") or "").strip()
+            label = pid[4:] if pid.startswith("sub-") else pid
+            if label in rows:
+                duplicates.add(label)
+            rows[label] = row
+    for label in duplicates:
+        rows[label] = {**rows[label], "__duplicate__": "1"}
+    return rows
+
+
+def _matches(f: BIDSFile, spec: Mapping[str, Any]) -> bool:
+    if f.datatype != spec["datatype"] or f.suffix != spec["suffix"] or f.extension != spec["extension"]:
+        return False
+    for key, value in (spec.get("entities") or {}).items():
+        if f.entity(key) != value:
+            return False
+    return True
+
+
+def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None = None) -> Discovery:
+    """Select each subject's (and session's) inputs as the config describes.
+
+    Returns the usable subjects, sorted, and one :class:`InputProblem` per unusable one.
+    """
+    root = os.fspath(bids_dir if bids_dir is not None else config["bids_dir"])
+    if not os.path.isdir(root):
+        raise BIDSError(f"BIDS directory not found: {root}")
+    if not os.path.isfile(os.path.join(root, "dataset_description.json")):
+        raise BIDSError(f"not a BIDS dataset (no dataset_description.json): {root}")
+    site_column = config.get("site_column", "site")
+    participants = read_participants(root, site_column)
+    specs = config["inputs"]
+    datatypes = {specs[k]["datatype"] for k in INPUT_KINDS}
+
+    raw_files = index_dataset(root, datatypes)
+    deriv_files: dict[str, list[BIDSFile]] = {}
+    for kind in INPUT_KINDS:
+        deriv = specs[kind].get("derivatives")
+        if deriv and deriv not in deriv_files:
+            deriv_files[deriv] = index_dataset(os.path.join(root, deriv), datatypes)
+
+    include = set(config.get("participant_label") or [])
+    exclude = set(config.get("exclude_participant_label") or [])
+    sessions_wanted = set(config.get("sessions") or [])
+
+    def wanted(subject: str, session: str | None) -> bool:
+        if include and subject not in include:
+            return False
+        if subject in exclude:
+            return False
+        return not (sessions_wanted and session not in sessions_wanted)
+
+    # Group candidate files by (subject, session) and kind.
+    found: dict[tuple[str, str | None], dict[str, list[str]]] = {}
+    for kind in INPUT_KINDS:
+        spec = specs[kind]
+        pool = deriv_files[spec["derivatives"]] if spec.get("derivatives") else raw_files
+        for f in pool:
+            if _matches(f, spec):
+                found.setdefault((f.subject, f.session), {}).setdefault(kind, []).append(f.path)
+    # Units: every (subject, session) that has at least one raw file in the datatypes of interest.
+    units = {(f.subject, f.session) for f in raw_files}
+    # A subject with sessions uses only its session folders.
+    with_sessions = {s for s, ses in units if ses is not None}
+    units = {(s, ses) for s, ses in units if ses is not None or s not in with_sessions}
+
+    result = Discovery()
+    for subject, session in sorted(units, key=lambda u: (u[0], u[1] or "")):
+        if not wanted(subject, session):
+            continue
+        row = participants.get(subject)
+        if row is None:
+            result.problems.append(
+                InputProblem(subject, session, os.path.join(root, "participants.tsv"), "not listed in")
+            )
+            continue
+        if row.get("__duplicate__"):
+            result.problems.append(
+                InputProblem(subject, session, os.path.join(root, "participants.tsv"), "listed twice in")
+            )
+            continue
+        site = (row.get(site_column) or "").strip()
+        if not site or site == "n/a":
+            result.problems.append(
+                InputProblem(subject, session, os.path.join(root, "participants.tsv"), f"no {site_column} in")
+            )
+            continue
+        kinds = found.get((subject, session), {})
+        files: dict[str, str] = {}
+        problem = None
+        for kind in INPUT_KINDS:
+            paths = kinds.get(kind, [])
+            if len(paths) == 1:
+                files[kind] = paths[0]
+                continue
+            spec = specs[kind]
+            where = os.path.join(root, spec["derivatives"]) if spec.get("derivatives") else root
+            if not paths:
+                expected = os.path.join(
+                    where, f"sub-{subject}", *([f"ses-{session}"] if session else []), spec["datatype"],
+                    _expected_name(subject, session, spec),
+                )
+                problem = InputProblem(subject, session, expected, f"missing {kind} input")
+            else:
+                problem = InputProblem(subject, session, ", ".join(sorted(paths)), f"several {kind} inputs match")
+            break
+        if problem is None and not os.path.isfile(_sidecar_path(files["mrf"])):
+            problem = InputProblem(subject, session, _sidecar_path(files["mrf"]), "missing MRF sidecar")
+        if problem is not None:
+            result.problems.append(problem)
+            continue
+        result.subjects.append(SubjectInputs(subject, session, site, row.get("group"), files))
+    for label in sorted(include - {s for s, _ in units}):
+        result.problems.append(
+            InputProblem(label, None, os.path.join(root, f"sub-{label}"), "requested participant not found")
+        )
+    return result
+
+
+def _expected_name(subject: str, session: str | None, spec: Mapping[str, Any]) -> str:
+    ents = [f"sub-{subject}"] + ([f"ses-{session}"] if session else [])
+    ents += [f"{k}-{v}" for k, v in (spec.get("entities") or {}).items() if v is not None]
+    return "_".join(ents + [spec["suffix"]]) + spec["extension"]
+
+
+def expected_inputs(
+    root: str | os.PathLike[str], subject: str, session: str | None, config: Mapping[str, Any]
+) -> dict[str, str]:
+    """The input paths a subject has when it follows the config's naming exactly (phantom mode)."""
+    root = os.fspath(root)
+    out = {}
+    for kind in INPUT_KINDS:
+        spec = config["inputs"][kind]
+        where = os.path.join(root, spec["derivatives"]) if spec.get("derivatives") else root
+        out[kind] = os.path.join(
+            where, f"sub-{subject}", *([f"ses-{session}"] if session else []), spec["datatype"],
+            _expected_name(subject, session, spec),
+        )
+    return out

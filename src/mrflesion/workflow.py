@@ -1,0 +1,96 @@
+"""What the Snakefile needs at parse time: the subject list, their input paths and file stems.
+
+Kept out of the Snakefile so that it is unit tested and the rules stay thin. In phantom mode
+(``bids_dir: null``) the cohort is known from the phantom's parameters without generating
+anything, so the whole DAG (phantom generation included) is built in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bids import Discovery, InputProblem, SubjectInputs, discover, expected_inputs
+
+STEM_REGEX = r"sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?/anat/sub-[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?"
+
+
+@dataclass
+class Plan:
+    bids_dir: str
+    phantom: bool
+    subjects: dict[str, SubjectInputs]  # stem -> inputs
+    problems: list[InputProblem]
+
+    def stems(self) -> list[str]:
+        return sorted(self.subjects)
+
+
+def stem_of(s: SubjectInputs) -> str:
+    """``sub-X/anat/sub-X`` or ``sub-X/ses-Y/anat/sub-X_ses-Y``: output paths are ``<stem>_<suffix>``."""
+    return f"{s.folder}/anat/{s.key}"
+
+
+def phantom_discovery(config: Mapping[str, Any]) -> Discovery:
+    """The phantom cohort's subjects with the paths the generator will write (nothing is read)."""
+    from .phantom import cohort_table
+
+    pc = config["phantom"]
+    table = cohort_table(
+        n_subjects=int(pc["subjects"]),
+        n_sites=int(pc["sites"]),
+        seed=int(pc["seed"]),
+        longitudinal=bool(pc.get("longitudinal", False)),
+    )
+    include = set(config.get("participant_label") or [])
+    exclude = set(config.get("exclude_participant_label") or [])
+    sessions_wanted = set(config.get("sessions") or [])
+    out = Discovery()
+    for row in table.itertuples(index=False):
+        label = str(row.participant_id)[4:]
+        if (include and label not in include) or label in exclude:
+            continue
+        sessions = [s[4:] for s in (row.sessions or [])] or [None]
+        for ses in sessions:
+            if sessions_wanted and ses not in sessions_wanted:
+                continue
+            files = expected_inputs(pc["dir"], label, ses, config)
+            out.subjects.append(SubjectInputs(label, ses, str(row.site), str(row.group), files))
+    return out
+
+
+def make_plan(config: Mapping[str, Any]) -> Plan:
+    """Discover the inputs (or the phantom's) and report problems, one line each, on stderr."""
+    if config.get("bids_dir"):
+        bids_dir = os.fspath(config["bids_dir"])
+        disc = discover(config, bids_dir)
+        phantom = False
+    else:
+        bids_dir = os.fspath(config["phantom"]["dir"])
+        disc = phantom_discovery(config)
+        phantom = True
+    for p in disc.problems:
+        print(f"mrflesion: skipping {p}", file=sys.stderr)
+    return Plan(bids_dir, phantom, {stem_of(s): s for s in disc.subjects}, disc.problems)
+
+
+def version_info() -> dict[str, str]:
+    """Package versions recorded in dataset_description.json and reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("mrflesion", "snakemake", "numpy", "scipy", "nibabel", "dipy", "antspyx", "torch", "nilearn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def repo_root() -> Path:
+    """The workflow's root (holds the Snakefile), for source checkouts and editable installs."""
+    return Path(__file__).resolve().parents[2]
