@@ -1,0 +1,542 @@
+"""Training of one network variant, resumable and preemption-safe; whole-slice inference.
+
+* Adam (lr 1e-4), halved every 20 epochs (StepLR, stepped per epoch). Mini-batches of random patches
+  (:class:`~mrflesion.learn.data.PatchSampler`).
+* CUDA: bf16 autocast, channels-last, training data stored on the GPU in float16. CPU: float32, seeded
+  and deterministic (``torch.use_deterministic_algorithms(True)``).
+* ``out_dir/history.tsv``: one row per epoch (losses per output, validation metrics, lr, seconds).
+  ``out_dir/best.pt``: the weights with the lowest validation loss (model selection uses validation
+  data only) plus spec and normalisation, enough for :func:`predict_volume`.
+* Resume: ``out_dir/last.pt`` is written atomically after every epoch and on preemption; it holds the
+  weights, optimizer, scheduler, RNG states (python, numpy, torch), sampler state (seed, epoch, position
+  in the epoch), the partial epoch's loss sums, the best metric and the history. Calling :func:`train`
+  again with the same ``out_dir`` continues from it. Per-epoch randomness (patch plan, dropout) is
+  seeded from ``(seed, epoch)``, so e.g. 2 epochs + resume to 4 is bit-identical to 4 straight (CPU).
+* Preemption: on SIGTERM or SIGUSR1 (SLURM) the current batch is finished, ``last.pt`` is written and
+  :class:`Preempted` is raised -- a ``SystemExit`` with code :data:`PREEMPTED_EXIT_CODE` = 75
+  (``EX_TEMPFAIL``: "temporary failure, try again"). 75 differs from a plain SIGTERM death (143) and from
+  SIGKILL (137), so a wrapper can tell "checkpoint saved, requeue me" from a crash.
+
+Command line: ``python -m mrflesion.learn.train config.json`` with a JSON object holding the arguments
+of :func:`train` (``spec`` as a dict, subjects as lists of path dicts).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_io
+from .data import (
+    Normalisation,
+    PatchSampler,
+    SliceDataset,
+    SubjectData,
+    SubjectPaths,
+    as_subject_paths,
+    derive_seed,
+    load_subject,
+)
+from .losses import Loss, make_loss
+from .networks import NetworkSpec, UNet, count_parameters, forward_padded
+from .progress import Progress
+
+PREEMPTED_EXIT_CODE = 75
+CHECKPOINT_FORMAT = "mrflesion-unet-1"
+LESION_THRESHOLD = 0.33
+TISSUE_THRESHOLD = 0.80
+_COMPAT_KEYS = (
+    "spec",
+    "seed",
+    "batch_size",
+    "patches_per_slice",
+    "patch_size",
+    "widths",
+    "bridge",
+    "dropout",
+    "lesion_factor",
+    "lr",
+    "lr_halve_every",
+    "normalisation",
+    "train_subjects",
+    "val_subjects",
+)
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint is saved on SIGTERM/SIGUSR1; exits the process with code 75."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class ResumeMismatch(ValueError):
+    """``last.pt`` was written with different settings than this call's."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def _stop_signals(flag: list[int]):
+    """Install SIGTERM/SIGUSR1 handlers that only record the signal (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+
+    def handler(signum: int, _frame: Any) -> None:
+        flag.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def _torch_settings(device: torch.device, num_threads: int | None):
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_bench = torch.backends.cudnn.benchmark
+    try:
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.backends.cudnn.benchmark = old_bench
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def predict_slices(
+    model: UNet, inputs: np.ndarray, device: torch.device, batch_slices: int = 8
+) -> np.ndarray:
+    """Whole-slice prediction: (Z, H, W, C_in) normalised inputs -> (Z, H, W, C_out) network units."""
+    was_training = model.training
+    model.eval()
+    out = np.empty(inputs.shape[:3] + (model.out_channels,), dtype=np.float32)
+    try:
+        for z0 in range(0, inputs.shape[0], batch_slices):
+            x = torch.from_numpy(np.ascontiguousarray(inputs[z0 : z0 + batch_slices])).to(device)
+            x = x.permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+            with _autocast(device):
+                y = forward_padded(model, x)
+            out[z0 : z0 + batch_slices] = y.float().permute(0, 2, 3, 1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+
+
+def evaluate(
+    model: UNet,
+    subjects: Sequence[SubjectData],
+    spec: NetworkSpec,
+    loss: Loss,
+    norm: Normalisation,
+    device: torch.device,
+    batch_slices: int = 8,
+) -> dict[str, float]:
+    """Validation loss per output over all brain slices, and the method's metrics (mean over subjects)."""
+    stats: torch.Tensor | None = None
+    per: dict[str, list[float]] = {
+        k: [] for k in ("dice_lesion", "mrd_T1", "mrd_T2star", "dice_NAWM", "dice_GM")
+    }
+    for s in subjects:
+        if s.targets is None:
+            raise ValueError(f"validation subject {s.subject} has no targets")
+        keep = s.brain.reshape(s.n_slices, -1).any(axis=1)
+        pred = predict_slices(model, s.inputs[keep], device, batch_slices)
+        tgt = s.targets[keep]
+        brain = s.brain[keep]
+        st = loss.stats(
+            torch.from_numpy(pred).permute(0, 3, 1, 2).double(),
+            torch.from_numpy(tgt).permute(0, 3, 1, 2).double(),
+        )
+        stats = st if stats is None else stats + st
+        for c, name in enumerate(spec.outputs):
+            p = norm.decode(name, pred[..., c])[brain]
+            r = norm.decode(name, tgt[..., c])[brain]
+            if name == "lesion":
+                per["dice_lesion"].append(_dice(p >= LESION_THRESHOLD, r >= 0.5))
+            elif name in ("NAWM", "GM"):
+                per[f"dice_{name}"].append(_dice(p >= TISSUE_THRESHOLD, r >= TISSUE_THRESHOLD))
+            else:
+                ok = r > 0
+                if ok.any():
+                    per[f"mrd_{name}"].append(float(np.mean(np.abs(p[ok] - r[ok]) / r[ok])))
+    assert stats is not None
+    vals = loss.from_stats(stats).tolist()
+    res: dict[str, float] = {f"val_loss_{n}": float(v) for n, v in zip(spec.outputs, vals, strict=True)}
+    res["val_loss"] = float(np.mean(vals))
+    res["val_dice_lesion_33"] = float(np.mean(per["dice_lesion"])) if per["dice_lesion"] else math.nan
+    res["val_mrd_T1"] = float(np.mean(per["mrd_T1"])) if per["mrd_T1"] else math.nan
+    res["val_mrd_T2star"] = float(np.mean(per["mrd_T2star"])) if per["mrd_T2star"] else math.nan
+    res["val_dice_NAWM_80"] = float(np.mean(per["dice_NAWM"])) if per["dice_NAWM"] else math.nan
+    res["val_dice_GM_80"] = float(np.mean(per["dice_GM"])) if per["dice_GM"] else math.nan
+    return res
+
+
+def history_columns(spec: NetworkSpec) -> list[str]:
+    return (
+        ["epoch", "train_loss"]
+        + [f"train_loss_{o}" for o in spec.outputs]
+        + ["val_loss"]
+        + [f"val_loss_{o}" for o in spec.outputs]
+        + [
+            "val_dice_lesion_33",
+            "val_mrd_T1",
+            "val_mrd_T2star",
+            "val_dice_NAWM_80",
+            "val_dice_GM_80",
+            "lr",
+            "seconds",
+        ]
+    )
+
+
+def _write_history(path: Path, spec: NetworkSpec, history: list[dict[str, float]]) -> None:
+    cols = history_columns(spec)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        w.writerow(cols)
+        for row in history:
+            w.writerow([int(row[c]) if c == "epoch" else f"{row[c]:.8g}" for c in cols])
+    tmp.replace(path)
+
+
+def load_model(
+    model_ckpt: str | Path | Mapping[str, Any], device: str | torch.device = "cpu"
+) -> tuple[UNet, NetworkSpec, Normalisation]:
+    """Model, spec and normalisation from ``best.pt``/``last.pt`` (a path or a loaded dict)."""
+    ck = ckpt_io.load(model_ckpt) if not isinstance(model_ckpt, Mapping) else model_ckpt
+    spec = NetworkSpec.from_dict(ck["spec"])
+    cfg = ck["model_config"]
+    model = spec.build(
+        int(cfg["in_channels"]), tuple(cfg["widths"]), int(cfg["bridge"]), float(cfg["dropout"])
+    )
+    model.load_state_dict(ck["model"])
+    dev = resolve_device(device)
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    return model, spec, Normalisation.from_dict(ck["normalisation"])
+
+
+def predict_volume(
+    model_ckpt: str | Path | Mapping[str, Any],
+    subject_paths: SubjectPaths | Mapping[str, Any],
+    device: str | torch.device = "auto",
+    mask_outside_brain: bool = True,
+    batch_slices: int = 8,
+) -> dict[str, np.ndarray]:
+    """Whole-slice inference on one subject; outputs on the subject's grid in physical units.
+
+    Returns ``{output name: (X, Y, Z) float32}``: T1 and T2* in ms (T2* at most the normalisation's
+    ``t2s_max_ms``), NAWM/GM/lesion probabilities in [0, 1]; zero outside the brain mask when
+    ``mask_outside_brain``. The subject needs the inputs of the network (``mrf``, or ``T1``/``T2star``)
+    and ``mask`` (for the MRF scale).
+    """
+    dev = resolve_device(device)
+    model, spec, norm = load_model(model_ckpt, dev)
+    subj = load_subject(subject_paths, spec, norm, with_targets=False)
+    pred = predict_slices(model, subj.inputs, dev, batch_slices)
+    out = {}
+    for c, name in enumerate(spec.outputs):
+        vol = norm.decode(name, pred[..., c])
+        if mask_outside_brain:
+            vol = vol * subj.brain
+        out[name] = subj.to_volume(vol).astype(np.float32, copy=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def train(
+    spec: NetworkSpec | Mapping[str, Any],
+    train_subjects: Sequence[SubjectPaths | Mapping[str, Any]],
+    val_subjects: Sequence[SubjectPaths | Mapping[str, Any]],
+    out_dir: str | Path,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-4,
+    lr_halve_every: int = 20,
+    patches_per_slice: int = 64,
+    patch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    widths: Sequence[int] = (32, 64, 128),
+    bridge: int = 256,
+    dropout: float = 0.5,
+    lesion_factor: int = 5,
+    normalisation: Normalisation | Mapping[str, float] | None = None,
+    num_threads: int | None = None,
+    progress: bool = True,
+    val_batch_slices: int = 8,
+) -> dict[str, Any]:
+    """Train ``spec`` for ``epochs`` epochs in total (resuming from ``out_dir/last.pt`` if present).
+
+    Returns a summary: ``epochs_completed``, ``best_epoch``, ``best_val_loss``, ``history`` (list of
+    rows), ``parameters``, paths of ``best.pt``/``last.pt``/``history.tsv``. Raises :class:`Preempted`
+    (exit code 75) after saving ``last.pt`` on SIGTERM/SIGUSR1.
+    """
+    spec = spec if isinstance(spec, NetworkSpec) else NetworkSpec.from_dict(spec)
+    norm = (
+        normalisation if isinstance(normalisation, Normalisation) else Normalisation.from_dict(normalisation)
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, hist_path = out / "last.pt", out / "best.pt", out / "history.tsv"
+    dev = resolve_device(device)
+    tr_paths = [as_subject_paths(s) for s in train_subjects]
+    va_paths = [as_subject_paths(s) for s in val_subjects]
+    if not tr_paths or not va_paths:
+        raise ValueError("training and validation subjects are both required")
+    overlap = {p.subject for p in tr_paths} & {p.subject for p in va_paths}
+    if overlap:
+        raise ValueError(f"subjects in both training and validation: {sorted(overlap)}")
+    config: dict[str, Any] = {
+        "spec": spec.to_dict(),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "patches_per_slice": int(patches_per_slice),
+        "patch_size": int(patch_size),
+        "widths": [int(w) for w in widths],
+        "bridge": int(bridge),
+        "dropout": float(dropout),
+        "lesion_factor": int(lesion_factor),
+        "lr": float(lr),
+        "lr_halve_every": int(lr_halve_every),
+        "normalisation": norm.to_dict(),
+        "train_subjects": [p.subject for p in tr_paths],
+        "val_subjects": [p.subject for p in va_paths],
+    }
+    report = Progress(progress)
+    stop: list[int] = []
+    with _torch_settings(dev, num_threads), _stop_signals(stop):
+        train_data = [load_subject(p, spec, norm) for p in tr_paths]
+        val_data = [load_subject(p, spec, norm) for p in va_paths]
+        storage = torch.float16 if dev.type == "cuda" else torch.float32
+        dataset = SliceDataset(train_data, patch_size, dev, storage)
+        del train_data
+        sampler = PatchSampler(dataset, batch_size, patches_per_slice, lesion_factor, seed)
+        loss_fn = make_loss(spec.loss)
+
+        torch.manual_seed(derive_seed(seed, 0, 2))
+        model = spec.build(dataset.n_in, widths, bridge, dropout).to(dev)
+        if dev.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        n_params = count_parameters(model)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(lr_halve_every)), gamma=0.5)
+        model_config = {
+            "in_channels": dataset.n_in,
+            "widths": list(config["widths"]),
+            "bridge": int(bridge),
+            "dropout": float(dropout),
+        }
+
+        history: list[dict[str, float]] = []
+        best = {"val_loss": math.inf, "epoch": 0}
+        epochs_done = 0
+        acc = torch.zeros(len(spec.outputs), dtype=torch.float64, device=dev)
+        n_acc = 0
+        if last_path.exists():
+            ck = ckpt_io.load(last_path)
+            bad = [k for k in _COMPAT_KEYS if ck["config"].get(k) != config[k]]
+            if bad:
+                raise ResumeMismatch(f"{last_path} was written with different settings: {bad}")
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            sampler.load_state_dict(ck["sampler"])
+            ckpt_io.restore_rng(ck["rng"])
+            history = list(ck["history"])
+            best = dict(ck["best"])
+            epochs_done = int(ck["epochs_done"])
+            acc = ck["train_acc"].to(dev)
+            n_acc = int(ck["train_acc_n"])
+            report.line(
+                f"[{spec.name}] resumed from {last_path}: epoch {epochs_done} batch {sampler.position}"
+            )
+        else:
+            sampler.set_epoch(0, 0)
+
+        def save_last() -> None:
+            ckpt_io.atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": config,
+                    "spec": spec.to_dict(),
+                    "model_config": model_config,
+                    "normalisation": norm.to_dict(),
+                    "model": _state_dict_cpu(model),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "rng": ckpt_io.capture_rng(),
+                    "epochs_done": epochs_done,
+                    "train_acc": acc.detach().cpu(),
+                    "train_acc_n": n_acc,
+                    "best": best,
+                    "history": history,
+                },
+                last_path,
+            )
+
+        def preempt() -> None:
+            save_last()
+            report.line(
+                f"[{spec.name}] signal {stop[0]}: checkpoint saved to {last_path}; exit {PREEMPTED_EXIT_CODE}"
+            )
+            raise Preempted(stop[0], last_path)
+
+        report.line(
+            f"[{spec.name}] {len(dataset)} training slices, {sampler.n_patches()} patches/epoch, "
+            f"{n_params} parameters, device {dev}"
+        )
+        for epoch in range(epochs_done, int(epochs)):
+            t0 = time.monotonic()
+            if sampler.position == 0:
+                sampler.set_epoch(epoch, 0)
+                torch.manual_seed(derive_seed(seed, epoch, 3))
+                acc = torch.zeros(len(spec.outputs), dtype=torch.float64, device=dev)
+                n_acc = 0
+            elif sampler.epoch != epoch:  # pragma: no cover - checkpoint invariant
+                raise RuntimeError("sampler epoch does not match the checkpoint")
+            model.train()
+            report.start(f"epoch {epoch + 1}/{epochs}", sampler.n_batches())
+            for b, x, y in sampler.batches():
+                if stop:
+                    preempt()
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(dev):
+                    pred = model(x)
+                per = loss_fn.per_channel(pred.float(), y)
+                total = per.mean()
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                acc += per.detach().double()
+                n_acc += 1
+                sampler.advance()
+                if report.wants_update():
+                    report.update(b + 1, float(total))
+            if stop:
+                preempt()
+            lr_now = float(opt.param_groups[0]["lr"])
+            train_losses = (acc / max(1, n_acc)).tolist()
+            sched.step()
+            val = evaluate(model, val_data, spec, loss_fn, norm, dev, val_batch_slices)
+            row: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(train_losses))}
+            row.update({f"train_loss_{o}": float(v) for o, v in zip(spec.outputs, train_losses, strict=True)})
+            row.update(val)
+            row["lr"] = lr_now
+            row["seconds"] = time.monotonic() - t0
+            history.append(row)
+            epochs_done = epoch + 1
+            sampler.set_epoch(epochs_done, 0)
+            if val["val_loss"] < best["val_loss"]:
+                best = {"val_loss": float(val["val_loss"]), "epoch": epochs_done}
+                ckpt_io.atomic_save(
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "spec": spec.to_dict(),
+                        "model_config": model_config,
+                        "normalisation": norm.to_dict(),
+                        "model": _state_dict_cpu(model),
+                        "epoch": epochs_done,
+                        "val_loss": float(val["val_loss"]),
+                        "train_subjects": config["train_subjects"],
+                        "val_subjects": config["val_subjects"],
+                    },
+                    best_path,
+                )
+            save_last()
+            _write_history(hist_path, spec, history)
+            report.line(
+                f"[{spec.name}] epoch {epochs_done}/{epochs} train {row['train_loss']:.5g}"
+                f" val {row['val_loss']:.5g}"
+                f" dice33 {row['val_dice_lesion_33']:.3f} lr {lr_now:.3g} {row['seconds']:.1f}s"
+                + (" *" if best["epoch"] == epochs_done else "")
+            )
+            if stop:
+                preempt()
+    return {
+        "name": spec.name,
+        "epochs_completed": epochs_done,
+        "best_epoch": int(best["epoch"]),
+        "best_val_loss": float(best["val_loss"]),
+        "history": history,
+        "parameters": n_params,
+        "best_path": str(best_path),
+        "last_path": str(last_path),
+        "history_path": str(hist_path),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mrflesion.learn.train config.json``; exit 0 when done, 75 when preempted."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m mrflesion.learn.train CONFIG.json", file=sys.stderr)
+        return 2
+    cfg = json.loads(Path(args[0]).read_text())
+    if "widths" in cfg:
+        cfg["widths"] = tuple(cfg["widths"])
+    summary = train(**cfg)
+    summary.pop("history", None)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
