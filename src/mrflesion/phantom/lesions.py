@@ -1,0 +1,226 @@
+"""MS lesions: irregular ellipsoidal blobs in white matter, drawn per patient in MNI space.
+
+A lesion is the union of one or more blobs (large, confluent lesions have several parts). A blob
+is an ellipsoid (centre, rotation, semi-axes) whose surface radius is modulated by a few random
+angular modes, giving irregular shapes. Lesions live in the subject's anatomical (MNI-like)
+coordinates, so they deform and move with the anatomy in every image space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .anatomy import Atlas
+from .fields import dot, rotation_matrix
+
+
+@dataclass(frozen=True)
+class Blob:
+    centre: np.ndarray  # (3,) mm
+    rotation: np.ndarray  # (3, 3) columns = principal axes
+    axes: np.ndarray  # (3,) semi-axes, mm
+    mod_dirs: np.ndarray  # (K, 3) unit vectors
+    mod_freq: np.ndarray  # (K,)
+    mod_phase: np.ndarray  # (K,)
+    irregularity: float
+
+    @property
+    def reach(self) -> float:
+        return float(self.axes.max() * (1.0 + self.irregularity))
+
+    def inside(self, p: np.ndarray) -> np.ndarray:
+        q = dot(p - self.centre, self.rotation) / self.axes
+        r = np.sqrt(np.sum(q * q, axis=-1))
+        u = q / np.maximum(r, 1e-9)[:, None]
+        mod = np.cos(np.pi * self.mod_freq * dot(u, self.mod_dirs.T) + self.mod_phase).mean(axis=-1)
+        return r < 1.0 + self.irregularity * mod
+
+    def scaled(self, factor: float) -> Blob:
+        """Same blob, linear size times ``factor`` (volume times factor^3)."""
+        return replace(self, axes=self.axes * factor)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion: its blobs and tissue ratios over NAWM (t1, t2s, t2) plus its proton density."""
+
+    lesion_id: int
+    blobs: tuple[Blob, ...]
+    t1_increase: float
+    t2s_increase: float
+    t2_increase: float
+    pd: float
+    volume_ml: float  # nominal (drawn) volume
+    periventricular: bool
+
+    def scaled(self, volume_factor: float, new_id: int | None = None) -> Lesion:
+        """Enlarged copy: every blob grows about the lesion's first centre."""
+        f = volume_factor ** (1.0 / 3.0)
+        c0 = self.blobs[0].centre
+        blobs = tuple(replace(b.scaled(f), centre=c0 + f * (b.centre - c0)) for b in self.blobs)
+        return replace(
+            self,
+            blobs=blobs,
+            volume_ml=self.volume_ml * volume_factor,
+            lesion_id=self.lesion_id if new_id is None else new_id,
+        )
+
+
+def _blob(
+    rng: np.random.Generator,
+    centre: np.ndarray,
+    volume_mm3: float,
+    cfg: dict[str, Any],
+    main_axis: np.ndarray | None,
+) -> Blob:
+    aspect = np.sort(rng.uniform(*cfg["aspect"], size=2))[::-1]
+    rel = np.array([1.0, aspect[0], aspect[1]])
+    scale = (3.0 * volume_mm3 / (4.0 * np.pi * np.prod(rel))) ** (1.0 / 3.0)
+    rot = rotation_matrix(rng.uniform(-180, 180, size=3))
+    if main_axis is not None:  # align the long axis (Dawson's fingers: radial to the ventricles)
+        e0 = main_axis / np.linalg.norm(main_axis)
+        tmp = rot[:, 1] - (rot[:, 1] @ e0) * e0
+        e1 = tmp / np.linalg.norm(tmp)
+        rot = np.stack([e0, e1, np.cross(e0, e1)], axis=1)
+    k = 3
+    d = rng.normal(size=(k, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return Blob(
+        centre=np.asarray(centre, dtype=float),
+        rotation=rot,
+        axes=scale * rel,
+        mod_dirs=d,
+        mod_freq=rng.uniform(1.5, 3.5, size=k),
+        mod_phase=rng.uniform(0, 2 * np.pi, size=k),
+        irregularity=float(rng.uniform(*cfg["irregularity"])),
+    )
+
+
+def _pick_centre(
+    rng: np.random.Generator, atlas: Atlas, z_range: tuple[float, float], peri: bool
+) -> np.ndarray:
+    pool = atlas.periventricular if peri else atlas.deep
+    ok = (pool[:, 2] >= z_range[0]) & (pool[:, 2] <= z_range[1])
+    if not np.any(ok):
+        pool = np.concatenate([atlas.periventricular, atlas.deep])
+        ok = (pool[:, 2] >= z_range[0]) & (pool[:, 2] <= z_range[1])
+    cand = pool[ok] if np.any(ok) else pool
+    return cand[rng.integers(len(cand))] + rng.uniform(-0.5, 0.5, size=3)
+
+
+def make_lesion(
+    rng: np.random.Generator,
+    atlas: Atlas,
+    lesion_id: int,
+    volume_ml: float,
+    z_range: tuple[float, float],
+    cfg: dict[str, Any],
+    tissue_cfg: dict[str, Any],
+    n_parts: int = 1,
+) -> Lesion:
+    """One lesion of nominal ``volume_ml`` (periventricular with the configured probability)."""
+    peri = bool(rng.uniform() < cfg["periventricular_probability"]) or n_parts > 1
+    centre = _pick_centre(rng, atlas, z_range, peri)
+    radial = centre - atlas.ventricle_centre
+    radial[2] *= 0.3  # fingers run mostly in-plane-ish, outward from the ventricles
+    blobs = []
+    part_vol = volume_ml * 1000.0 / n_parts * 1.3  # parts overlap
+    for j in range(n_parts):
+        c = centre if j == 0 else centre + rng.normal(scale=0.6 * (part_vol ** (1 / 3)), size=3)
+        blobs.append(_blob(rng, c, part_vol, cfg, radial if peri else None))
+    return Lesion(
+        lesion_id=lesion_id,
+        blobs=tuple(blobs),
+        t1_increase=float(rng.uniform(*tissue_cfg["t1_increase"])),
+        t2s_increase=float(rng.uniform(*tissue_cfg["t2s_increase"])),
+        t2_increase=float(rng.uniform(*tissue_cfg["t2_increase"])),
+        pd=float(rng.uniform(*tissue_cfg["pd"])),
+        volume_ml=float(volume_ml),
+        periventricular=peri,
+    )
+
+
+def draw_lesions(
+    rng: np.random.Generator,
+    atlas: Atlas,
+    count_range: tuple[int, int],
+    z_range: tuple[float, float],
+    cfg: dict[str, Any],
+    tissue_cfg: dict[str, Any],
+) -> list[Lesion]:
+    """The lesions of one patient: a log-uniform count, log-normal volumes, maybe one large lesion."""
+    lo, hi = count_range
+    n = int(np.clip(np.round(np.exp(rng.uniform(np.log(lo), np.log(hi + 0.999)) - 0.5)), lo, hi))
+    lesions: list[Lesion] = []
+    vmin, vmax = cfg["volume_ml"]
+    start = 0
+    if rng.uniform() < cfg["large_probability"]:
+        lv = float(np.exp(rng.uniform(*np.log(cfg["large_volume_ml"]))))
+        parts = int(rng.integers(cfg["large_parts"][0], cfg["large_parts"][1] + 1))
+        lesions.append(make_lesion(rng, atlas, 1, lv, z_range, cfg, tissue_cfg, n_parts=parts))
+        start = 1
+    for i in range(start, n):
+        v = float(np.clip(10 ** rng.normal(cfg["volume_log10_mean"], cfg["volume_log10_sd"]), vmin, vmax))
+        lesions.append(make_lesion(rng, atlas, i + 1, v, z_range, cfg, tissue_cfg))
+    return lesions
+
+
+def followup_lesions(
+    rng: np.random.Generator,
+    atlas: Atlas,
+    baseline: list[Lesion],
+    z_range: tuple[float, float],
+    cfg: dict[str, Any],
+    tissue_cfg: dict[str, Any],
+) -> list[Lesion]:
+    """Follow-up lesion set: the baseline lesions, some enlarged, plus new lesions."""
+    fu = cfg["followup"]
+    out = list(baseline)
+    if not baseline:
+        return out
+    n_enl = min(len(baseline), int(rng.integers(fu["enlarge"][0], fu["enlarge"][1] + 1)))
+    for i in rng.choice(len(baseline), size=n_enl, replace=False):
+        out[i] = baseline[i].scaled(float(rng.uniform(*fu["enlarge_factor"])))
+    n_new = int(rng.integers(fu["new"][0], fu["new"][1] + 1))
+    next_id = max(les.lesion_id for les in baseline) + 1
+    for j in range(n_new):
+        v = float(np.exp(rng.uniform(*np.log(fu["new_volume_ml"]))))
+        out.append(make_lesion(rng, atlas, next_id + j, v, z_range, cfg, tissue_cfg))
+    return out
+
+
+def lesion_index(
+    points: np.ndarray, lesions: list[Lesion], centres: np.ndarray | None = None, margin: float = 0.0
+) -> np.ndarray:
+    """Per point: 0 outside every lesion, else 1 + index (in ``lesions``) of the first lesion hit.
+
+    ``points`` is (N, 3), or (V, S, 3) sub-voxel samples grouped by voxel with the voxel
+    ``centres`` (V, 3) and ``margin`` (mm, max sample distance from its centre) used to skip voxels
+    far from every blob cheaply. Returns an int32 array of ``points.shape[:-1]``.
+    """
+    grouped = points.ndim == 3
+    pts = points if grouped else points[:, None, :]
+    cen = centres if (grouped and centres is not None) else pts.reshape(-1, 3)
+    if not grouped or centres is None:
+        pts = pts.reshape(-1, 1, 3)
+        margin = 0.0
+    out = np.zeros(pts.shape[:2], dtype=np.int32)
+    if lesions and pts.shape[0]:
+        lo = cen.min(axis=0) - margin
+        hi = cen.max(axis=0) + margin
+        for li, les in enumerate(lesions):
+            for b in les.blobs:
+                r = b.reach + margin
+                if np.any(b.centre + r < lo) or np.any(b.centre - r > hi):
+                    continue
+                d = np.abs(cen - b.centre)
+                vox = np.flatnonzero((d[:, 0] <= r) & (d[:, 1] <= r) & (d[:, 2] <= r))
+                if vox.size == 0:
+                    continue
+                sub = pts[vox].reshape(-1, 3)
+                hit = b.inside(sub).reshape(vox.size, -1) & (out[vox] == 0)
+                out[vox] = np.where(hit, li + 1, out[vox])
+    return out.reshape(points.shape[:-1])

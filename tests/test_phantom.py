@@ -1,0 +1,382 @@
+"""Digital phantom (DESIGN.md section 4): layout, BIDS validity, determinism, truth consistency."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from mrflesion.mrf.sequence import Protocol
+from mrflesion.mrf.signal import simulate
+from mrflesion.phantom import GRIDS, cohort_table, generate, main
+
+# A coarse grid (FOV 240 mm) for the cheap fixtures; the demo grid is used where voxel size matters.
+TINY = {
+    "shape": [80, 80, 8],
+    "voxel_mm": [3.0, 3.0, 4.0],
+    "supersample": [2, 2, 1],
+    "flair": {"shape": [80, 80, 10], "voxel_mm": [3.0, 3.0, 4.0], "supersample": [2, 2, 1]},
+    "slab_center_mni": [0.0, -17.0, 14.0],
+    "lesion_count": [3, 6],
+}
+# The demo grid's voxels (2 x 2 x 3 mm, FOV 240 mm) on a thinner slab: lesion volumes are realistic.
+DEMO_SLAB = {
+    "shape": [120, 120, 10],
+    "voxel_mm": [2.0, 2.0, 3.0],
+    "supersample": [2, 2, 2],
+    "flair": {"shape": [120, 120, 12], "voxel_mm": [2.0, 2.0, 3.0], "supersample": [2, 2, 2]},
+    "slab_center_mni": [0.0, -17.0, 10.0],
+    "lesion_count": [4, 10],
+}
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """Three subjects on the demo voxel grid: site1 control + patient, site2 patient."""
+    out = tmp_path_factory.mktemp("demo") / "bids"
+    table = generate(out, n_subjects=3, n_sites=2, seed=7, n_jobs=2, progress=False, _grid_override=DEMO_SLAB)
+    return out, table
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for name, seed, jobs in (("a", 3, 1), ("b", 3, 2), ("c", 4, 1)):
+        out[name] = base / name
+        generate(
+            out[name], n_subjects=2, n_sites=2, seed=seed, n_jobs=jobs, progress=False, _grid_override=TINY
+        )
+    out["clean"] = base / "clean"
+    generate(out["clean"], n_subjects=2, n_sites=2, seed=5, progress=False, _noise=False, _grid_override=TINY)
+    out["long"] = base / "long"
+    generate(
+        out["long"], n_subjects=2, n_sites=2, seed=6, longitudinal=True, progress=False, _grid_override=TINY
+    )
+    return out
+
+
+def _validate(root: Path) -> list[dict]:
+    exe = Path(sys.executable).parent / "bids-validator-deno"
+    if not exe.exists():
+        pytest.skip("bids-validator-deno not installed next to the interpreter")
+    res = subprocess.run(
+        [str(exe), str(root), "--format", "json"], capture_output=True, text=True, timeout=300
+    )
+    report = json.loads(res.stdout)
+    return [i for i in report["issues"]["issues"] if i.get("severity") == "error"]
+
+
+# --------------------------------------------------------------------------------------- cohort table
+def test_cohort_table_default_splits() -> None:
+    t = cohort_table(12, 2, seed=1)
+    assert list(t.columns[:4]) == ["participant_id", "site", "group", "sessions"]
+    assert t["participant_id"].tolist() == [f"sub-{i:02d}" for i in range(1, 13)]
+    counts = t.groupby(["site", "group"]).size().to_dict()
+    assert counts == {("site1", "control"): 2, ("site1", "patient"): 4, ("site2", "patient"): 6}
+    assert all(s == [] for s in t["sessions"])
+    p = cohort_table(48, 2, seed=1)
+    assert p.groupby(["site", "group"]).size().to_dict() == {
+        ("site1", "control"): 6,
+        ("site1", "patient"): 18,
+        ("site2", "patient"): 24,
+    }
+    lt = cohort_table(4, 2, seed=1, longitudinal=True)
+    assert all(s == ["ses-01", "ses-02"] for s in lt["sessions"])
+    pd.testing.assert_frame_equal(cohort_table(12, 2, seed=1), t)
+
+
+def test_grids() -> None:
+    assert GRIDS["demo"]["shape"] == (120, 120, 20) and GRIDS["demo"]["voxel_mm"] == (2.0, 2.0, 3.0)
+    assert GRIDS["paper"]["shape"] == (240, 240, 47) and GRIDS["paper"]["n_slices"] == 47
+    tr = Protocol.default(GRIDS["paper"]["n_slices"]).repetition_time_ms
+    assert 3500 < min(tr) < 3560 and 6340 < max(tr) < 6400
+
+
+# --------------------------------------------------------------------------------------- layout / BIDS
+def test_layout_and_cohort_match(demo: tuple[Path, pd.DataFrame]) -> None:
+    root, table = demo
+    parts = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert parts.columns.tolist() == ["participant_id", "site", "group", "age", "sex"]
+    expected = cohort_table(3, 2, seed=7)
+    assert (
+        parts["participant_id"].tolist()
+        == expected["participant_id"].tolist()
+        == table["participant_id"].tolist()
+    )
+    assert parts["site"].tolist() == expected["site"].tolist()
+    assert parts["group"].tolist() == expected["group"].tolist() == ["control", "patient", "patient"]
+    assert (root / ".bidsignore").read_text().strip() == "*_MRF.*"
+    desc = json.loads((root / "dataset_description.json").read_text())
+    assert desc["BIDSVersion"] == "1.10.0" and desc["DatasetType"] == "raw"
+    assert desc["GeneratedBy"][0]["Name"] == "mrflesion-phantom"
+    for d in ("truth", "manual"):
+        assert (
+            json.loads((root / "derivatives" / d / "dataset_description.json").read_text())["DatasetType"]
+            == "derivative"
+        )
+    anat = root / "sub-02" / "anat"
+    mrf = nib.load(anat / "sub-02_acq-MRFEPI_MRF.nii.gz")
+    assert mrf.shape == (120, 120, 10, 35) and mrf.get_data_dtype() == np.float32
+    t2w = nib.load(anat / "sub-02_T2w.nii.gz")
+    assert t2w.shape == (120, 120, 10)
+    np.testing.assert_allclose(mrf.affine, t2w.affine)
+    assert int(t2w.header["qform_code"]) == 1 and int(t2w.header["sform_code"]) == 1
+    side = json.loads((anat / "sub-02_acq-MRFEPI_MRF.json").read_text())
+    assert side["PhaseEncodingDirection"] == "j" and side["MRFSeries"] is True
+    assert side["ManufacturersModelName"] == "Skyra"
+    Protocol.from_sidecar(side)  # round-trips
+    side3 = json.loads((root / "sub-03" / "anat" / "sub-03_acq-MRFEPI_MRF.json").read_text())
+    assert side3["ManufacturersModelName"] == "Prisma" and side3["MultibandAccelerationFactor"] == 3
+    fl = json.loads((anat / "sub-02_FLAIR.json").read_text())
+    assert fl["InversionTime"] == 2.5 and fl["RepetitionTime"] == 9.0
+    truth = root / "derivatives" / "truth" / "sub-02" / "anat"
+    names = [
+        "space-T2w_T1map",
+        "space-T2w_T2starmap",
+        "space-T2w_T2map",
+        "space-T2w_TB1map",
+        "space-T2w_M0map",
+        "space-T2w_label-GM_probseg",
+        "space-T2w_label-WM_probseg",
+        "space-T2w_label-CSF_probseg",
+        "space-T2w_label-lesion_mask",
+        "space-MRF_T1map",
+        "space-MRF_T2starmap",
+        "space-MRF_TB1map",
+        "space-MRF_M0map",
+        "space-MRF_label-GM_probseg",
+        "space-MRF_label-WM_probseg",
+        "space-MRF_label-CSF_probseg",
+        "space-MRF_label-lesion_mask",
+        "space-MRF_noisesigma",
+        "space-MRF_desc-pedisplacement_xfm",
+        "space-FLAIR_label-lesion_mask",
+    ]
+    for n in names:
+        assert (truth / f"sub-02_{n}.nii.gz").exists(), n
+        assert "Units" in json.loads((truth / f"sub-02_{n}.json").read_text()), n
+    xfm = json.loads((truth / "sub-02_from-MRF_to-T2w_mode-image_xfm.json").read_text())
+    m = np.asarray(xfm["Matrix"])
+    assert m.shape == (4, 4) and np.allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3))
+    assert np.linalg.norm(m[:3, 3]) <= 1.5 + 1e-9  # small motion between MRF and T2w
+    assert np.degrees(np.arccos((np.trace(m[:3, :3]) - 1) / 2)) <= 1.5 + 1e-6
+    man = root / "derivatives" / "manual" / "sub-01" / "anat" / "sub-01_space-FLAIR_label-lesion_mask.nii.gz"
+    assert nib.load(man).get_data_dtype() == np.uint8 and _load(man).sum() == 0  # control: present, empty
+
+
+def test_bids_validator(demo: tuple[Path, pd.DataFrame], tiny: dict[str, Path]) -> None:
+    for root in (demo[0], tiny["long"]):
+        errors = _validate(root)
+        assert errors == [], errors[:5]
+
+
+# --------------------------------------------------------------------------------------- determinism
+def test_same_seed_identical_bytes(tiny: dict[str, Path]) -> None:
+    ha, hb = _hashes(tiny["a"]), _hashes(tiny["b"])  # n_jobs 1 vs 2
+    assert len(ha) > 50 and ha == hb
+
+
+def test_different_seed_differs(tiny: dict[str, Path]) -> None:
+    rel = "derivatives/truth/sub-02/anat/sub-02_space-T2w_label-WM_probseg.nii.gz"
+    wa, wc = _load(tiny["a"] / rel), _load(tiny["c"] / rel)
+    assert np.abs(wa - wc).mean() > 0.01
+    rel = "derivatives/truth/sub-02/anat/sub-02_space-T2w_label-lesion_mask.nii.gz"
+    la, lc = _load(tiny["a"] / rel), _load(tiny["c"] / rel)
+    assert la.sum() > 0 and lc.sum() > 0 and not np.array_equal(la, lc)
+
+
+def test_refuses_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        generate(tmp_path / "x", n_subjects=1, n_sites=1, progress=False, _grid_override=TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+# --------------------------------------------------------------------------------------- truth properties
+def _truth(root: Path, sub: str, name: str) -> np.ndarray:
+    return _load(root / "derivatives" / "truth" / sub / "anat" / f"{sub}_{name}.nii.gz")
+
+
+def test_sites_differ_in_snr_and_b1(demo: tuple[Path, pd.DataFrame]) -> None:
+    root, _ = demo
+    rel_noise, b1_lr = {}, {}
+    for sub in ("sub-02", "sub-03"):  # site1 patient, site2 patient
+        wm = _truth(root, sub, "space-MRF_label-WM_probseg") > 0.9
+        sigma = _truth(root, sub, "space-MRF_noisesigma")
+        m0 = _truth(root, sub, "space-MRF_M0map")
+        rel_noise[sub] = float(np.median(sigma[wm] / m0[wm]))
+        b1 = _truth(root, sub, "space-T2w_TB1map")
+        brain = _truth(root, sub, "space-T2w_desc-brain_mask") > 0
+        assert 0.7 <= b1[brain].min() and b1[brain].max() <= 1.3
+        x = np.arange(b1.shape[0])[:, None, None] * np.ones(b1.shape)
+        b1_lr[sub] = float(b1[brain & (x >= 60)].mean() - b1[brain & (x < 60)].mean())
+    assert rel_noise["sub-03"] > 1.3 * rel_noise["sub-02"]  # SMS site is noisier
+    assert abs(b1_lr["sub-03"] - b1_lr["sub-02"]) > 0.03  # different B1 pattern
+    g = _truth(root, "sub-03", "space-MRF_noisesigma")
+    assert g.max() / g.min() > 1.3  # spatially varying (g-factor)
+    g1 = _truth(root, "sub-02", "space-MRF_noisesigma")
+    assert g1.max() / g1.min() < 1.01
+
+
+def test_mrf_distorted_along_phase_encode(demo: tuple[Path, pd.DataFrame]) -> None:
+    root, _ = demo
+    sub = "sub-02"
+    disp = _truth(root, sub, "space-MRF_desc-pedisplacement_xfm")
+    brain = (
+        _truth(root, sub, "space-MRF_label-WM_probseg") + _truth(root, sub, "space-MRF_label-GM_probseg")
+        > 0.5
+    )
+    assert np.abs(disp[brain]).max() > 1.5 and np.abs(disp[brain]).mean() > 0.2
+    # bring the T2w-space truth into the MRF scan with the truth rigid transform (no distortion) ...
+    wm_t = _truth(root, sub, "space-T2w_label-WM_probseg")
+    wm_m = _truth(root, sub, "space-MRF_label-WM_probseg")
+    aff = nib.load(root / "derivatives" / "truth" / sub / "anat" / f"{sub}_space-MRF_T1map.nii.gz").affine
+    m = np.asarray(
+        json.loads(
+            (
+                root / "derivatives" / "truth" / sub / "anat" / f"{sub}_from-MRF_to-T2w_mode-image_xfm.json"
+            ).read_text()
+        )["Matrix"]
+    )
+    vox2vox = np.linalg.inv(aff) @ m @ aff
+    rigid = ndimage.affine_transform(wm_t, vox2vox[:3, :3], vox2vox[:3, 3], order=1)
+    # ... the residual is explained by the displacement along y (first order: d * dWM/dy), not along x
+    resid = wm_m - rigid
+    gy = np.gradient(rigid, 2.0, axis=1)
+    gx = np.gradient(rigid, 2.0, axis=0)
+    brain[:, :, :2] = brain[:, :, -2:] = False  # slab edges: motion moves tissue in and out of the slab
+    sel = brain & (np.abs(disp) > 0.5)
+    c_y = np.corrcoef(resid[sel], (disp * gy)[sel])[0, 1]
+    c_x = np.corrcoef(resid[sel], (disp * gx)[sel])[0, 1]
+    assert c_y > 0.3 and c_y > 3 * abs(c_x)
+    # pulling the rigidly resampled map along +y by d (the documented convention) reduces the residual
+    shifted = ndimage.map_coordinates(
+        rigid,
+        np.indices(rigid.shape) + np.stack([np.zeros_like(disp), disp / 2.0, np.zeros_like(disp)]),
+        order=1,
+    )
+    sel = brain & (np.abs(disp) > 1.0)
+    assert np.abs(wm_m - shifted)[sel].mean() < 0.95 * np.abs(resid)[sel].mean()
+
+
+def test_t2w_and_flair_undistorted(demo: tuple[Path, pd.DataFrame]) -> None:
+    root, _ = demo
+    sub = "sub-02"
+    csf = _truth(root, sub, "space-T2w_label-CSF_probseg")
+    t2w = _load(root / sub / "anat" / f"{sub}_T2w.nii.gz")
+    c0 = np.corrcoef(t2w.ravel(), csf.ravel())[0, 1]
+    for axis in (0, 1):
+        for s in (-1, 1):
+            assert c0 > np.corrcoef(t2w.ravel(), np.roll(csf, s, axis=axis).ravel())[0, 1]
+    flair = _load(root / sub / "anat" / f"{sub}_FLAIR.nii.gz")
+    les = _truth(root, sub, "space-FLAIR_label-lesion_mask") > 0
+    ring = ndimage.binary_dilation(les, iterations=2) & ~les
+    assert les.sum() > 0 and np.median(flair[les]) > 1.2 * np.median(flair[ring])  # hyperintense lesions
+
+
+def test_lesion_volumes_and_controls(demo: tuple[Path, pd.DataFrame]) -> None:
+    root, table = demo
+    vols = []
+    for _, row in table.iterrows():
+        sub = row["participant_id"]
+        les = _truth(root, sub, "space-T2w_label-lesion_mask") > 0
+        if row["group"] == "control":
+            assert les.sum() == 0
+            assert _truth(root, sub, "space-FLAIR_label-lesion_mask").sum() == 0
+            continue
+        lab, n = ndimage.label(les, structure=np.ones((3, 3, 3)))
+        vols += list(np.bincount(lab.ravel())[1:] * 2 * 2 * 3 / 1000.0)  # ml
+        manual = _load(
+            root / "derivatives" / "manual" / sub / "anat" / f"{sub}_space-FLAIR_label-lesion_mask.nii.gz"
+        )
+        truth_f = _truth(root, sub, "space-FLAIR_label-lesion_mask")
+        inter = (manual * truth_f).sum()
+        dice = 2 * inter / (manual.sum() + truth_f.sum())
+        assert 0.5 < dice < 0.99  # rater-like: close to, but not equal to, the truth
+        wm = _truth(root, sub, "space-T2w_label-WM_probseg")
+        assert np.median(wm[les]) > 0.6  # lesions sit in white matter
+    assert min(vols) <= 0.03 and max(vols) >= 1.0, vols
+
+
+def test_noise_free_mrf_matches_signal_model(tiny: dict[str, Path]) -> None:
+    root = tiny["clean"]
+    sub = "sub-02"
+    mrf = _load(root / sub / "anat" / f"{sub}_acq-MRFEPI_MRF.nii.gz")
+    prot = Protocol.from_sidecar(json.loads((root / sub / "anat" / f"{sub}_acq-MRFEPI_MRF.json").read_text()))
+    wm = _truth(root, sub, "space-MRF_label-WM_probseg")
+    les = _truth(root, sub, "space-MRF_label-lesion_probseg")
+    t1, t2s = _truth(root, sub, "space-MRF_T1map"), _truth(root, sub, "space-MRF_T2starmap")
+    b1, m0 = _truth(root, sub, "space-MRF_TB1map"), _truth(root, sub, "space-MRF_M0map")
+    pure = (wm >= 0.999) & (les == 0)
+    assert pure.sum() >= 20
+    for k in range(mrf.shape[2]):
+        sel = pure[:, :, k]
+        if not sel.any():
+            continue
+        sim = simulate(prot, k, t1[:, :, k][sel], t2s[:, :, k][sel], b1[:, :, k][sel])
+        pred = m0[:, :, k][sel, None] * np.abs(sim)
+        np.testing.assert_allclose(mrf[:, :, k][sel], pred, rtol=3e-3, atol=2e-3 * float(m0[pure].mean()))
+    # outside the head the noise-free series is exactly zero
+    assert mrf[0, 0, 0].max() == 0.0
+
+
+def test_longitudinal(tiny: dict[str, Path]) -> None:
+    root = tiny["long"]
+    for ses in ("ses-01", "ses-02"):
+        assert (root / "sub-02" / ses / "anat" / f"sub-02_{ses}_acq-MRFEPI_MRF.nii.gz").exists()
+        assert (
+            root
+            / "derivatives"
+            / "manual"
+            / "sub-02"
+            / ses
+            / "anat"
+            / f"sub-02_{ses}_space-FLAIR_label-lesion_mask.nii.gz"
+        ).exists()
+    t = root / "derivatives" / "truth" / "sub-02"
+    new = _load(t / "ses-02" / "anat" / "sub-02_ses-02_space-T2w_label-newenlarged_mask.nii.gz")
+    les2 = _load(t / "ses-02" / "anat" / "sub-02_ses-02_space-T2w_label-lesion_mask.nii.gz")
+    les1 = _load(t / "ses-01" / "anat" / "sub-02_ses-01_space-T2w_label-lesion_mask.nii.gz")
+    assert new.sum() > 0 and np.all(les2[new > 0] > 0) and les2.sum() > les1.sum()
+    assert not (t / "ses-01" / "anat" / "sub-02_ses-01_space-T2w_label-newenlarged_mask.nii.gz").exists()
+    ctrl = _load(
+        t.parent / "sub-01" / "ses-02" / "anat" / "sub-01_ses-02_space-T2w_label-newenlarged_mask.nii.gz"
+    )
+    assert ctrl.sum() == 0
+    # repositioned between sessions: the same anatomy lands elsewhere on the grid
+    w1 = _load(t / "ses-01" / "anat" / "sub-02_ses-01_space-T2w_label-WM_probseg.nii.gz")
+    w2 = _load(t / "ses-02" / "anat" / "sub-02_ses-02_space-T2w_label-WM_probseg.nii.gz")
+    assert np.abs(w1 - w2).mean() > 0.005
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mrflesion.phantom.config import load_config
+
+    monkeypatch.setitem(load_config()["grids"], "demo", TINY)  # keep the test cheap
+    rc = main([str(tmp_path / "ds"), "--subjects", "1", "--sites", "1", "--seed", "2", "--grid", "demo"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "1/1 sub-01" in err
+    assert (tmp_path / "ds" / "sub-01" / "anat" / "sub-01_T2w.nii.gz").exists()
