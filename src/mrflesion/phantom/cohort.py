@@ -582,8 +582,8 @@ def _resolve_grid(grid: str, override: dict[str, Any] | None) -> dict[str, Any]:
 def _is_phantom_dir(path: Path) -> bool:
     if not path.exists():
         return False
-    if path.is_dir() and not any(path.iterdir()):
-        return True
+    if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        return True  # empty, or only the empty folders Snakemake creates for declared outputs
     try:
         desc = json.loads((path / "dataset_description.json").read_text())
         return any(g.get("Name") == GENERATOR for g in desc.get("GeneratedBy", []))
