@@ -23,6 +23,7 @@ include: "rules/config.smk"
 include: "rules/common.smk"
 include: "rules/phantom.smk"
 include: "rules/inputs.smk"
+include: "rules/qmri.smk"
 include: "rules/group.smk"
 
 

@@ -18,6 +18,7 @@ rule participant:
     input:
         f"{OUT}/dataset_description.json",
         expand(f"{WORK}/inputs/{{stem}}_inputs.json", stem=STEMS),
+        expand(f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz", stem=STEMS),
 
 
 rule group_inputs:

@@ -13,6 +13,7 @@ import io
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 from . import __version__
@@ -47,6 +48,9 @@ def main(smk: Any, step: str) -> None:
             print(line, file=sys.stderr)
             if log_path:
                 print(line, file=console)
+            raise SystemExit(1) from None
+        except Exception:
+            traceback.print_exc()  # into the rule's log, which Snakemake shows for failed jobs
             raise SystemExit(1) from None
 
 
@@ -111,3 +115,91 @@ def group_inputs(smk: Any) -> None:
     for p in smk.params.problems:
         w.writerow([p.key, "n/a", "n/a", "skipped", f"{p.reason}: {p.file}", "n/a", "n/a"])
     write_text(smk.output[0], buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- quantitative maps
+def _sidecar_for(path: str, fields: dict[str, Any]) -> None:
+    """Write ``<path without .nii.gz>.json`` next to a NIfTI output."""
+    base = str(path)
+    for ext in (".nii.gz", ".nii", ".npz"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+            break
+    write_json(base + ".json", fields)
+
+
+def mrf_mask(smk: Any) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from .io import atomic_path
+    from .masking import series_brain_mask
+
+    img = nib.load(smk.input.mrf)
+    mask = series_brain_mask(np.asarray(img.dataobj, dtype=np.float32))
+    out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
+    out.header.set_xyzt_units("mm")
+    with atomic_path(smk.output.mask) as tmp:
+        out.to_filename(tmp)
+    _sidecar_for(smk.output.mask, {
+        "Type": "Brain", "Description": "Otsu threshold of the mean MRF image, largest component, holes filled",
+        "Sources": [smk.params.source], "Voxels": int(mask.sum()),
+    })
+
+
+def denoise(smk: Any) -> None:
+    from .denoise import denoise_file
+
+    stats = denoise_file(
+        smk.input.mrf, smk.output.denoised, smk.output.sigma, mask_path=smk.input.mask,
+        patch_radius=int(smk.params.cfg["patch_radius"]), device=str(smk.params.cfg["device"]),
+    )
+    common = {"Sources": [smk.params.source, smk.input.mask], "SoftwareStep": "MPPCA", **_jsonable(stats)}
+    _sidecar_for(smk.output.denoised, {"Description": "MPPCA-denoised MRF-EPI series", **common})
+    _sidecar_for(smk.output.sigma, {"Description": "MPPCA noise standard deviation", "Units": "arbitrary", **common})
+
+
+def dictionary(smk: Any) -> None:
+    from .mrf.dictionary import DictionaryGrid, build_dictionary
+    from .mrf.sequence import Protocol
+
+    cfg = smk.params.cfg
+    protocol = Protocol.from_sidecar(smk.params.sidecar)
+    grid = DictionaryGrid.from_config(cfg["grid"])
+    t0 = time.perf_counter()
+    d = build_dictionary(protocol, grid, rank_energy=float(cfg["rank_energy"]),
+                         n_clusters=int(cfg["n_clusters"]), progress=True)
+    d.save(smk.output[0])
+    print(f"dictionary {smk.output[0]}: {protocol.n_slices} slice positions in {time.perf_counter() - t0:.1f} s")
+
+
+def match(smk: Any) -> None:
+    from .mrf.matching import match_file
+
+    cfg = smk.params.cfg
+    out = {"T1": smk.output.T1, "T2star": smk.output.T2star, "B1": smk.output.B1, "M0": smk.output.M0,
+           "quality": smk.output.quality}
+    stats = match_file(
+        smk.input.mrf, smk.input.sidecar, smk.input.dictionary, out, mask_path=smk.input.mask,
+        mode=str(cfg["mode"]), device=str(cfg["device"]), block_voxels=int(cfg["block_voxels"]),
+        threads=int(smk.threads), progress=True,
+    )
+    sources = [smk.input.mrf, smk.input.sidecar, smk.input.mask]
+    units = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)",
+             "M0": "arbitrary", "quality": "1 (cosine of the matched atom and the signal)"}
+    for key, path in out.items():
+        _sidecar_for(path, {
+            "Description": f"MRF dictionary matching: {key}", "Units": units[key], "Sources": sources,
+            "Dictionary": str(smk.input.dictionary), **_jsonable(stats),
+        })
+
+
+def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in stats.items():
+        if hasattr(v, "tolist"):
+            v = v.tolist()
+        elif not isinstance(v, str | int | float | bool | list | dict | type(None)):
+            v = str(v)
+        out[k] = v
+    return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,14 @@ class Plan:
     phantom: bool
     subjects: dict[str, SubjectInputs]  # stem -> inputs
     problems: list[InputProblem]
+    timing: dict[str, str] = field(default_factory=dict)  # stem -> dictionary key
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict)  # dictionary key -> sidecar timing
 
     def stems(self) -> list[str]:
         return sorted(self.subjects)
+
+    def dictionary_key(self, stem: str) -> str:
+        return self.timing[stem]
 
 
 def stem_of(s: SubjectInputs) -> str:
@@ -73,9 +79,50 @@ def make_plan(config: Mapping[str, Any]) -> Plan:
         bids_dir = os.fspath(config["phantom"]["dir"])
         disc = phantom_discovery(config)
         phantom = True
-    for p in disc.problems:
+    plan = Plan(bids_dir, phantom, {}, list(disc.problems))
+    grid_key = _grid_key(config)
+    for s in disc.subjects:
+        try:
+            protocol = _protocol_of(s, config) if not phantom else _phantom_protocol(config)
+        except (OSError, ValueError) as exc:
+            plan.problems.append(InputProblem(s.subject, s.session, s.sidecar, f"unusable MRF sidecar ({exc})"))
+            continue
+        key = f"{protocol.timing_key()}_{grid_key}"
+        stem = stem_of(s)
+        plan.subjects[stem] = s
+        plan.timing[stem] = key
+        plan.protocols.setdefault(key, protocol.to_sidecar())
+    for p in plan.problems:
         print(f"mrflesion: skipping {p}", file=sys.stderr)
-    return Plan(bids_dir, phantom, {stem_of(s): s for s in disc.subjects}, disc.problems)
+    return plan
+
+
+def _grid_key(config: Mapping[str, Any]) -> str:
+    from .mrf.dictionary import FORMAT_VERSION, DictionaryGrid
+
+    d = config.get("dictionary", {})
+    opts = {"grid": DictionaryGrid.from_config(d.get("grid")).key(), "rank": d.get("rank_energy"),
+            "clusters": d.get("n_clusters"), "format": FORMAT_VERSION}
+    import hashlib
+
+    return hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _protocol_of(s: SubjectInputs, config: Mapping[str, Any]) -> Any:
+    from .mrf.sequence import Protocol
+
+    with open(s.sidecar) as fh:
+        sidecar = json.load(fh)
+    if not isinstance(sidecar, dict):
+        raise ValueError("not a JSON object")
+    return Protocol.from_sidecar(sidecar)
+
+
+def _phantom_protocol(config: Mapping[str, Any]) -> Any:
+    from .mrf.sequence import Protocol
+    from .phantom import GRIDS
+
+    return Protocol.default(int(GRIDS[config["phantom"]["grid"]]["n_slices"]))
 
 
 def version_info() -> dict[str, str]:

@@ -1,0 +1,78 @@
+# Quantitative maps: brain mask, MPPCA denoising, dictionary (cached per sequence timing), matching.
+
+
+rule mrf_mask:
+    input:
+        mrf=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
+    output:
+        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
+    params:
+        source=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
+    log:
+        f"{WORK}/logs/mrf_mask/{{stem}}.log",
+    conda:
+        "../envs/denoise.yaml"
+    script:
+        "../scripts/mrf_mask.py"
+
+
+rule denoise:
+    input:
+        mrf=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
+        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
+        checked=f"{WORK}/inputs/{{stem}}_inputs.json",
+    output:
+        denoised=f"{OUT}/{{stem}}_acq-MRFEPI_desc-denoised_MRF.nii.gz",
+        sigma=f"{OUT}/{{stem}}_acq-MRFEPI_desc-mppca_noisemap.nii.gz",
+    params:
+        cfg=config["denoise"],
+        source=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+    log:
+        f"{WORK}/logs/denoise/{{stem}}.log",
+    conda:
+        "../envs/denoise.yaml"
+    script:
+        "../scripts/denoise.py"
+
+
+rule dictionary:
+    output:
+        f"{WORK}/dictionaries/mrfdict_{{timing}}.npz",
+    params:
+        sidecar=lambda wc: PLAN.protocols[wc.timing],
+        cfg=config["dictionary"],
+    threads: 2
+    log:
+        f"{WORK}/logs/dictionary/{{timing}}.log",
+    conda:
+        "../envs/qmri.yaml"
+    script:
+        "../scripts/dictionary.py"
+
+
+rule match:
+    input:
+        mrf=f"{OUT}/{{stem}}_acq-MRFEPI_desc-denoised_MRF.nii.gz",
+        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
+        sidecar=lambda wc: PLAN.subjects[wc.stem].sidecar,
+        dictionary=lambda wc: f"{WORK}/dictionaries/mrfdict_{PLAN.timing[wc.stem]}.npz",
+    output:
+        T1=f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz",
+        T2star=f"{OUT}/{{stem}}_acq-MRFEPI_T2starmap.nii.gz",
+        B1=f"{OUT}/{{stem}}_acq-MRFEPI_TB1map.nii.gz",
+        M0=f"{OUT}/{{stem}}_acq-MRFEPI_M0map.nii.gz",
+        quality=f"{OUT}/{{stem}}_acq-MRFEPI_desc-match_quality.nii.gz",
+    params:
+        cfg=config["matching"],
+    threads: 2
+    resources:
+        mem_mb=6000,
+    log:
+        f"{WORK}/logs/match/{{stem}}.log",
+    conda:
+        "../envs/qmri.yaml"
+    script:
+        "../scripts/match.py"
