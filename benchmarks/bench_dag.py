@@ -39,6 +39,8 @@ def main() -> None:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         raise SystemExit(f"snakemake -n failed with status {proc.returncode}")
     jobs = [line for line in proc.stdout.splitlines() if line.strip().startswith("total")]
+    if "skipping" in proc.stderr:
+        raise SystemExit("subjects were skipped: " + proc.stderr[-2000:])
     print(f"snakemake -n on {args.subjects} subjects: {elapsed:.1f} s ({jobs[-1].strip() if jobs else '?'})")
     print(f"target < 30 s: {'PASS' if elapsed < 30 else 'FAIL'}")
 

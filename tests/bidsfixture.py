@@ -11,6 +11,7 @@ import numpy as np
 from mrflesion.mrf.sequence import Protocol
 
 SHAPE = (12, 12, 4)
+_SIDECAR = json.dumps(Protocol.default(SHAPE[2]).to_sidecar())
 
 
 def _img(data: np.ndarray, path: Path, affine: np.ndarray | None = None) -> None:
@@ -72,8 +73,10 @@ def _touch_subject(root: Path, label: str, session: str | None) -> None:
     folder = Path(f"sub-{label}") / (f"ses-{session}" if session else "") / "anat"
     anat = root / folder
     anat.mkdir(parents=True, exist_ok=True)
-    for name in ("acq-MRFEPI_MRF.nii.gz", "acq-MRFEPI_MRF.json", "T2w.nii.gz", "T2w.json", "FLAIR.nii.gz"):
+    for name in ("acq-MRFEPI_MRF.nii.gz", "T2w.nii.gz", "T2w.json", "FLAIR.nii.gz"):
         (anat / f"{key}_{name}").touch()
+    # The MRF sidecar is read at parse time (its timing keys the dictionary), so it has content.
+    (anat / f"{key}_acq-MRFEPI_MRF.json").write_text(_SIDECAR)
     manual = root / "derivatives" / "manual" / folder
     manual.mkdir(parents=True, exist_ok=True)
     (manual / f"{key}_space-FLAIR_label-lesion_mask.nii.gz").touch()

@@ -7,10 +7,11 @@ anything, so the whole DAG (phantom generation included) is built in one pass.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import sys
 from collections.abc import Mapping
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,13 +110,33 @@ def _grid_key(config: Mapping[str, Any]) -> str:
 
 
 def _protocol_of(s: SubjectInputs, config: Mapping[str, Any]) -> Any:
+    with open(s.sidecar) as fh:
+        return _protocol_from_text(fh.read())
+
+
+@functools.lru_cache(maxsize=4096)
+def _protocol_from_text(text: str) -> Any:
+    """Parse a sidecar's timing once per distinct sidecar text (cohorts share a few schedules)."""
     from .mrf.sequence import Protocol
 
-    with open(s.sidecar) as fh:
-        sidecar = json.load(fh)
+    sidecar = json.loads(text)
     if not isinstance(sidecar, dict):
         raise ValueError("not a JSON object")
-    return Protocol.from_sidecar(sidecar)
+    return _KeyedProtocol(Protocol.from_sidecar(sidecar))
+
+
+class _KeyedProtocol:
+    """A protocol with its timing key and sidecar computed once."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._key = protocol.timing_key()
+        self._sidecar = protocol.to_sidecar()
+
+    def timing_key(self) -> str:
+        return self._key
+
+    def to_sidecar(self) -> dict[str, Any]:
+        return self._sidecar
 
 
 def _phantom_protocol(config: Mapping[str, Any]) -> Any:
