@@ -1,0 +1,56 @@
+"""Evaluation: voxel-wise metrics, lesion-wise rules and group tables (DESIGN §5)."""
+
+from .lesionwise import (
+    VOLUME_GROUPS,
+    clean_components,
+    lesion_table,
+    lesionwise_metrics,
+    msseg_detection,
+    volume_group,
+    volume_group_summary,
+)
+from .metrics import (
+    accuracy,
+    binarise,
+    confusion,
+    detection_rate,
+    dice,
+    iou,
+    label_components,
+    mean_relative_deviation,
+    overlap_metrics,
+    precision,
+    recall,
+    threshold_sweep,
+    tissue_dice,
+    voxel_volume_ml,
+)
+from .tables import network_tests, normality, site_summary, site_tests
+
+__all__ = [
+    "VOLUME_GROUPS",
+    "accuracy",
+    "binarise",
+    "clean_components",
+    "confusion",
+    "detection_rate",
+    "dice",
+    "iou",
+    "label_components",
+    "lesion_table",
+    "lesionwise_metrics",
+    "mean_relative_deviation",
+    "msseg_detection",
+    "network_tests",
+    "normality",
+    "overlap_metrics",
+    "precision",
+    "recall",
+    "site_summary",
+    "site_tests",
+    "threshold_sweep",
+    "tissue_dice",
+    "volume_group",
+    "volume_group_summary",
+    "voxel_volume_ml",
+]
