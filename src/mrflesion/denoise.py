@@ -62,7 +62,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +70,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .io import save_nifti
 
 __all__ = ["mppca", "denoise_file", "resolve_device"]
 
@@ -498,22 +499,6 @@ def mppca(
     return denoised, sigma
 
 
-def _atomic_save(img: Any, path: Path) -> None:
-    import nibabel as nib
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def denoise_file(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -551,7 +536,7 @@ def denoise_file(
     hdr = img.header.copy()
     hdr.set_data_dtype(np.float32)
     hdr["scl_slope"], hdr["scl_inter"] = 1.0, 0.0
-    _atomic_save(nib.Nifti1Image(den.astype(np.float32), img.affine, hdr), Path(out_path))
+    save_nifti(nib.Nifti1Image(den.astype(np.float32), img.affine, hdr), Path(out_path))
     shdr = img.header.copy()
     shdr.set_data_shape(sigma.shape)
     shdr.set_data_dtype(np.float32)
@@ -560,7 +545,7 @@ def denoise_file(
         pix = shdr["pixdim"].copy()
         pix[4:] = 1.0
         shdr["pixdim"] = pix
-    _atomic_save(nib.Nifti1Image(sigma.astype(np.float32), img.affine, shdr), Path(sigma_path))
+    save_nifti(nib.Nifti1Image(sigma.astype(np.float32), img.affine, shdr), Path(sigma_path))
 
     inside = mask if mask is not None else np.ones(sigma.shape, dtype=bool)
     vals = sigma[inside & (sigma > 0)]

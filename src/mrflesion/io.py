@@ -36,3 +36,11 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_nifti(img: Any, path: str | os.PathLike[str]) -> None:
+    """Save a nibabel image atomically (temporary file in the same folder, then rename)."""
+    import nibabel as nib
+
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
