@@ -66,8 +66,11 @@ def test_atoms_unit_norm_and_match_signal_model(dictionary: MRFDictionary, proto
     assert sd.atoms.dtype == np.float32 and sd.atoms.shape == (dictionary.n_atoms, 35)
     assert np.allclose(np.linalg.norm(sd.atoms, axis=1), 1.0, atol=1e-5)
     i = np.array([0, 1234, dictionary.n_atoms - 1])
-    ref = simulate(protocol, 2, dictionary.t1[i], dictionary.t2star[i], dictionary.b1[i])
+    ref = np.abs(simulate(protocol, 2, dictionary.t1[i], dictionary.t2star[i], dictionary.b1[i]))
     assert np.allclose(sd.atoms[i] * sd.norms[i, None], ref, rtol=1e-5, atol=1e-7)
+    # magnitude atoms: the signed signal goes negative after inversions
+    signed = simulate(protocol, 2, dictionary.t1, dictionary.t2star, dictionary.b1)
+    assert np.any(signed < 0) and np.all(sd.atoms >= 0)
     # slice positions differ (staggered inversions)
     assert not np.allclose(dictionary.slice(1).atoms, sd.atoms)
 

@@ -50,7 +50,7 @@ def make_series(
     mask[:, :, list(SLICES)] = True
     series = np.zeros(shape + (protocol.n_measurements,), np.float32)
     for k in SLICES:
-        sig = simulate(protocol, k, truth["T1"][:, :, k], truth["T2star"][:, :, k], truth["B1"][:, :, k])
+        sig = np.abs(simulate(protocol, k, truth["T1"][:, :, k], truth["T2star"][:, :, k], truth["B1"][:, :, k]))
         sig = sig * truth["M0"][:, :, k, None]
         if snr is not None:
             sigma = np.linalg.norm(sig, axis=-1, keepdims=True) / snr / np.sqrt(protocol.n_measurements)
@@ -63,8 +63,9 @@ def make_series(
 def test_svd_equals_exact(protocol: Protocol, dictionary: MRFDictionary, snr: float) -> None:
     series, _, mask = make_series(protocol, 3000, seed=int(snr), b1_grid=False, snr=snr)
     stats: dict = {}
-    fast = match(series, dictionary, mask=mask, mode="svd", device="cpu", block_voxels=1024, stats=stats)
-    exact = match(series, dictionary, mask=mask, mode="exact", device="cpu")
+    fast = match(series, dictionary, mask=mask, mode="svd", device="cpu", block_voxels=1024, stats=stats,
+                 refine=False)
+    exact = match(series, dictionary, mask=mask, mode="exact", device="cpu", refine=False)
     same = np.all([fast[k][mask] == exact[k][mask] for k in ("T1", "T2star", "B1")], axis=0)
     print(f"SNR {snr}: identical argmax {100 * same.mean():.3f} %, "
           f"{stats['candidates_per_voxel']:.0f} of {dictionary.n_atoms} atoms scored per voxel")
@@ -74,38 +75,68 @@ def test_svd_equals_exact(protocol: Protocol, dictionary: MRFDictionary, snr: fl
     assert stats["candidates_per_voxel"] < 0.1 * dictionary.n_atoms
 
 
+def _rel(maps: dict, truth: dict, mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.abs(maps[k][mask] / truth[k][mask] - 1) for k in ("T1", "T2star", "M0", "B1")}
+
+
 def test_accuracy_b1_on_grid(protocol: Protocol, dictionary: MRFDictionary) -> None:
     series, truth, mask = make_series(protocol, 2000, seed=1, b1_grid=True)
+    grid = match(series, dictionary, mask=mask, refine=False)
     maps = match(series, dictionary, mask=mask)
-    for key in ("T1", "T2star"):
-        err = np.abs(np.log(maps[key][mask] / truth[key][mask]))
-        assert np.mean(err <= STEP) >= 0.99, key
-    assert np.mean(np.isclose(maps["B1"][mask], truth["B1"][mask], atol=1e-6)) >= 0.99
-    assert np.median(np.abs(maps["M0"][mask] / truth["M0"][mask] - 1)) < 0.03
-    assert np.all(maps["quality"][mask] > 0.999)
+    for m, tol in ((grid, 1e-6), (maps, 2e-3)):  # refined B1 is continuous
+        for key in ("T1", "T2star"):
+            err = np.abs(np.log(m[key][mask] / truth[key][mask]))
+            assert np.mean(err <= STEP) >= 0.99, key
+        assert np.mean(np.isclose(m["B1"][mask], truth["B1"][mask], atol=tol)) >= 0.99
+        assert np.median(np.abs(m["M0"][mask] / truth["M0"][mask] - 1)) < 0.03
+        assert np.all(m["quality"][mask] > 0.999)
+    # refinement does not make the on-grid case worse
+    before, after = _rel(grid, truth, mask), _rel(maps, truth, mask)
+    print({k: f"median {np.median(before[k]):.5f} -> {np.median(after[k]):.5f}" for k in before})
+    for k in before:  # (float32 data: a refined on-grid value may move by ~1e-6)
+        assert np.median(after[k]) <= np.median(before[k]) + 1e-4, k
+        assert np.mean(after[k]) <= np.mean(before[k]) + 1e-4, k
+    assert np.all(maps["quality"][mask] >= grid["quality"][mask] - 1e-6)
 
 
 def test_accuracy_continuous_b1(protocol: Protocol, dictionary: MRFDictionary) -> None:
     """Continuous B1 (0.7-1.3) on the paper's 0.1 B1 grid.
 
-    T2* stays within 2.5 % (median). T1 does not: B1 quantisation (up to +-0.05) is absorbed by
-    T1 (the flip angles and the inversion efficiency trade off against T1), so the median T1 error
-    is ~6 %: ~1.8 % where the true B1 is within 0.01 of a grid value, ~12 % halfway between.
-    A 0.05 B1 grid halves it (measured 3.2 %); the limit is the grid, not the search.
+    Unrefined, B1 quantisation (up to +-0.05) is absorbed by T1 (flip angles and inversion
+    efficiency trade off against T1): median T1 error ~6 %. The sub-grid refinement (two
+    Gauss-Newton steps from the matched atom) brings T1 and T2* well below 2.5 %.
     """
     series, truth, mask = make_series(protocol, 2000, seed=2, b1_grid=False)
+    grid = match(series, dictionary, mask=mask, refine=False)
     maps = match(series, dictionary, mask=mask)
-    rel = {k: np.abs(maps[k][mask] / truth[k][mask] - 1) for k in ("T1", "T2star", "M0", "B1")}
-    print({k: f"median {np.median(v):.4f}" for k, v in rel.items()})
+    before, rel = _rel(grid, truth, mask), _rel(maps, truth, mask)
+    print({k: f"median {np.median(before[k]):.4f} -> {np.median(rel[k]):.4f}" for k in rel})
+    # grid only: the B1 grid limits T1
+    assert np.median(before["T2star"]) < 0.025
+    assert 0.03 < np.median(before["T1"]) < 0.08
+    # refined
+    assert np.median(rel["T1"]) < 0.025
     assert np.median(rel["T2star"]) < 0.025
-    assert np.median(rel["B1"]) < 0.03
-    assert np.median(rel["T1"]) < 0.08
-    assert np.median(rel["M0"]) < 0.06
-    b1 = truth["B1"][mask]
-    near_grid = np.abs(b1 - np.round(b1, 1)) < 0.01
-    assert near_grid.sum() > 100
-    assert np.median(rel["T1"][near_grid]) < 0.025
-    assert np.median(rel["M0"][near_grid]) < 0.03
+    assert np.median(rel["B1"]) < 0.01
+    assert np.median(rel["M0"]) < 0.01
+    assert np.mean(rel["T1"] < 0.05) > 0.9  # (unrefined: ~0.4)
+    assert np.all(maps["quality"][mask] >= grid["quality"][mask] - 1e-6)
+    # same atom underneath: the refined values stay within 8 T1 / 5 T2* / 1 B1 grid steps of it
+    assert np.all(np.abs(np.log(maps["T1"][mask] / grid["T1"][mask])) <= 8 * STEP + 1e-4)
+    assert np.all(np.abs(maps["B1"][mask] - grid["B1"][mask]) <= 0.1 + 1e-4)
+
+
+def test_refinement_noisy_never_worse(protocol: Protocol, dictionary: MRFDictionary) -> None:
+    series, truth, mask = make_series(protocol, 1000, seed=7, b1_grid=False, snr=30.0,
+                                      t1_range=(600.0, 2000.0), t2_range=(30.0, 120.0))
+    grid = match(series, dictionary, mask=mask, refine=False)
+    maps = match(series, dictionary, mask=mask)
+    assert np.all(maps["quality"][mask] >= grid["quality"][mask] - 1e-6)
+    for k in ("T1", "T2star", "B1", "M0"):
+        assert np.all(np.isfinite(maps[k][mask])) and np.all(maps[k][mask] > 0)
+    before, after = _rel(grid, truth, mask), _rel(maps, truth, mask)
+    print({k: f"median {np.median(before[k]):.4f} -> {np.median(after[k]):.4f}" for k in after})
+    assert np.median(after["T1"]) <= np.median(before["T1"])
 
 
 def test_mask_zero_voxels_and_threads(protocol: Protocol, dictionary: MRFDictionary, capsys) -> None:

@@ -8,7 +8,7 @@ Grid (DESIGN.md section 2): T1 300-3500 ms and T2* 10-2500 ms in geometric steps
 Because of the staggered inversions every slice position has its own timing, so a dictionary holds
 one :class:`SliceDictionary` per slice position. Each stores:
 
-* the atoms (magnitude, unit L2 norm, float32) and each atom's norm before normalisation, so that
+* the atoms (magnitude ``|simulate(...)|``, unit L2 norm, float32) and each atom's norm before normalisation, so that
   ``M0 = <signal, atom> / norm`` (least-squares proton density of a unit-PD atom);
 * the SVD of the atoms: basis, singular values and the rank ``r`` that keeps ``rank_energy`` of the
   energy (r = 6-8 for 99.9 % with the default 47-slice protocol, 8 with 4 slices);
@@ -41,7 +41,7 @@ import numpy as np
 from .sequence import Protocol
 from .signal import simulate
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: magnitude atoms (1 stored signed atoms)
 N_CHECK_ATOMS = 16
 
 
@@ -232,7 +232,9 @@ def _spherical_kmeans(
 def _simulate_atoms(
     protocol: Protocol, slice_index: int, params: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    raw = simulate(protocol, slice_index, *params)
+    # magnitude atoms (the data are magnitude images; Mz < 0 after an inversion gives a negative
+    # signed signal)
+    raw = np.abs(simulate(protocol, slice_index, *params))
     norms = np.linalg.norm(raw, axis=1)
     if np.any(norms <= 0):
         raise DictionaryError("dictionary contains an atom with zero signal")

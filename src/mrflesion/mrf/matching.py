@@ -28,10 +28,22 @@ Modes (both exact in the sense that they return the maximum over the whole dicti
     memory traffic, not flops); pruning scales with the number of plausible atoms instead.
     Cost per voxel: ~1024 medoid scores + ~1000 atom scores instead of 44,883.
 
-torch is used throughout, so the same code runs on CUDA (``device="auto"``); on CPU the voxel
-blocks run in ``threads`` worker threads with one torch thread each (the search is many small ops,
-for which torch's intra-op threading mostly waits on barriers, badly so on a loaded machine). The
-one numpy call on CPU is ``flatnonzero`` (faster than torch's ``nonzero``).
+    On CPU (:meth:`_SliceSearch.pruned_cpu`) the medoid scores and cluster tests run in sub-blocks
+    of 1024 voxels (the score matrix stays in cache; one comparison per score with a per-bin
+    threshold, the exact test on survivors only), the elementwise work in numpy, the matmuls in
+    torch (single-threaded per worker); the scan keeps only the best score per (voxel, cluster) and
+    re-scores the winning cluster of each voxel for its atom. Measured on the 47-slice protocol,
+    SNR 30, tissue-like voxels: ~570 atoms scored per voxel, ~6-7 us/voxel CPU time vs ~75 us for
+    numpy's single-threaded brute force.
+
+Sub-grid refinement (``refine=True``, default): the B1 grid (step 0.1) is coarse and T1 absorbs the
+B1 quantisation (median T1 error ~6 % for continuous B1); after the search, two Gauss-Newton steps
+on the signal model from the matched atom give continuous T1, T2*, B1 and a consistent M0 (see
+:class:`_Refiner`). The argmax atom is the same with or without it.
+
+torch is used throughout the search, so the same code runs on CUDA (``device="auto"``); on CPU the
+voxel blocks run in ``threads`` worker threads with one torch thread each (the search is many small
+ops, for which torch's intra-op threading mostly waits on barriers, badly so on a loaded machine).
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ import torch
 
 from .dictionary import DictionaryError, MRFDictionary
 from .sequence import Protocol
+from .signal import simulate
 
 MAP_KEYS = ("T1", "T2star", "B1", "M0", "quality")
 MODES = ("svd", "fast", "exact")
@@ -59,6 +72,12 @@ MODES = ("svd", "fast", "exact")
 _MARGIN = 2e-5
 _EXACT_BLOCK_ELEMENTS = 1 << 24  # scores held at once in exact mode (64 MB float32)
 _THETA_BINS = 8  # bins of clusters sharing a pruning threshold (svd mode)
+_REFINE_ITER = 2  # Gauss-Newton steps of the sub-grid refinement
+_REFINE_REUSE_JACOBIAN = True  # later steps reuse the first Jacobian (chord method)
+# refined (T1, T2*, B1) stay within this many grid steps of the matched atom: a B1 error of up to
+# half a B1 step is absorbed by T1 on the grid (~12 %, 2-3 T1 steps)
+_REFINE_MAX_STEPS = (8.0, 5.0, 1.0)
+_SUB_BLOCK = 1024  # voxels per medoid-score sub-block on CPU (the score matrix stays in cache)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -133,6 +152,15 @@ class _SliceSearch:
         self.rev_index = torch.from_numpy((self.n_atoms - order).astype(np.float32)).to(device)
         self.cos_t = torch.from_numpy(np.cos(theta).astype(np.float32)).to(device)
         self.sin_t = torch.from_numpy(np.sin(theta).astype(np.float32)).to(device)
+        self.cos_t_np = np.cos(theta).astype(np.float32)
+        self.sin_t_np = np.sin(theta).astype(np.float32)
+        self.sorted_to_global = order.astype(np.int64)
+        if device.type == "cpu":  # per cluster (35, atoms) blocks for the CPU scan
+            self.cluster_atoms = [
+                self.sorted_atoms[a0:a1] for a0, a1 in zip(self.offsets[:-1], self.offsets[1:], strict=True)
+            ]
+            self.cluster_at = [a.T.contiguous() for a in self.cluster_atoms]
+            self.bins_np = [(r0, r1, np.float32(cb), np.float32(sb)) for r0, r1, cb, sb in self.bins]
         # below this medoid score arccos(L) + theta may exceed pi: brute force for such voxels
         self.min_bound = float(np.cos(np.pi - theta.max()))
 
@@ -222,13 +250,188 @@ class _SliceSearch:
             scored += int(fallback.numel()) * self.n_atoms
         return out, scored + scored_w
 
+    def pruned_cpu(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """:meth:`pruned` for the CPU: same bound and result, fewer passes over memory.
+
+        The medoid scores and the cluster tests run in sub-blocks of ``_SUB_BLOCK`` voxels, so the
+        (clusters x voxels) score matrix stays in cache: one comparison per score with the bin's
+        threshold (clusters sorted by cone angle, the bin's largest angle), then the exact
+        per-cluster test on the survivors only. The exact scan then runs once over the whole
+        block, grouped by cluster, with (atoms, voxels) score blocks reduced by a column max; only
+        the winning cluster(s) of each voxel are scored again for the atom (row-wise argmax).
+        """
+        b = y.shape[0]
+        y_np = y.numpy()
+        cl_parts: list[np.ndarray] = []
+        vx_parts: list[np.ndarray] = []
+        fb_parts: list[np.ndarray] = []
+        one = np.float32(1.0)
+        for s0 in range(0, b, _SUB_BLOCK):
+            yb = y[s0 : s0 + _SUB_BLOCK]
+            nb = yb.shape[0]
+            m = torch.mm(self.medoids, yb.T).numpy()  # (C, nb) exact medoid scores
+            low = np.minimum(m.max(axis=0), one)  # a medoid is an atom: lower bound of the best
+            bad = low < self.min_bound
+            if bad.any():  # arccos(low) + theta may exceed pi: brute force for these voxels
+                fb_parts.append(np.flatnonzero(bad) + s0)
+                low[bad] = 2.0  # threshold above any score: no pairs
+            sin_low = np.sqrt(np.maximum(one - low * low, np.float32(0.0)))
+            # cluster c can hold an atom scoring >= low only if m_c >= cos(arccos(low) + theta_c)
+            # = low cos(theta_c) - sin(arccos(low)) sin(theta_c); first with the bin's largest angle
+            for r0, r1, cos_b, sin_b in self.bins_np:
+                thr = low * cos_b - sin_low * sin_b - np.float32(_MARGIN)
+                f = np.flatnonzero(m[r0:r1] >= thr)
+                c = f // nb + r0
+                v = f % nb
+                exact_thr = low[v] * self.cos_t_np[c] - sin_low[v] * self.sin_t_np[c] - np.float32(_MARGIN)
+                keep = m[c, v] >= exact_thr
+                cl_parts.append(c[keep])
+                vx_parts.append(v[keep] + s0)
+        c_np = np.concatenate(cl_parts)
+        v_np = np.concatenate(vx_parts)
+        o = np.argsort(c_np, kind="stable")
+        c_np, v_np = c_np[o], v_np[o]
+        # exact scan, grouped by cluster: best score per (voxel, cluster) pair, scores laid out
+        # (atoms, voxels) so that the max runs across rows (vectorised over voxels)
+        counts = np.bincount(c_np, minlength=self.n_clusters)
+        val = self._scan_np(y_np, c_np, v_np, counts, None)
+        scored = int(np.dot(counts, np.diff(self.offsets)))
+        best = torch.full((b,), -math.inf, dtype=torch.float32)
+        best = best.scatter_reduce_(0, torch.from_numpy(v_np), torch.from_numpy(val), reduce="amax").numpy()
+        # winners: every pair reaching its voxel's best score (several for exact ties); their
+        # atom is the first maximum in the cluster's order (ascending global index)
+        win = val >= best[v_np]
+        cw, vw = c_np[win], v_np[win]
+        arg = np.empty(cw.size, np.int64)
+        self._scan_np(y_np, cw, vw, np.bincount(cw, minlength=self.n_clusters), arg)
+        out = torch.full((b,), self.n_atoms, dtype=torch.int64)
+        out.scatter_reduce_(0, torch.from_numpy(vw), torch.from_numpy(self.sorted_to_global[arg]), reduce="amin")
+        if fb_parts:
+            fallback = torch.from_numpy(np.concatenate(fb_parts))
+            out[fallback] = self.exact(y[fallback])
+            scored += int(fallback.numel()) * self.n_atoms
+        return out, scored
+
+    def _scan_np(
+        self, y_np: np.ndarray, c: np.ndarray, v: np.ndarray, counts: np.ndarray, arg: np.ndarray | None
+    ) -> np.ndarray:
+        """Best score of cluster ``c[i]`` for voxel ``v[i]`` (``c`` sorted); with ``arg``, also the
+        sorted-order position of that atom (first maximum) written into ``arg``."""
+        val = np.empty(c.size, np.float32)
+        ends = np.cumsum(counts)
+        for cluster in np.flatnonzero(counts):
+            e = int(ends[cluster])
+            st = e - int(counts[cluster])
+            rows = torch.from_numpy(y_np[v[st:e]])
+            if arg is None:
+                sc = torch.mm(self.cluster_atoms[cluster], rows.T).numpy()  # (atoms, voxels)
+                val[st:e] = sc.max(axis=0)
+            else:
+                sc = torch.mm(rows, self.cluster_at[cluster]).numpy()  # (voxels, atoms)
+                a = sc.argmax(axis=1)
+                val[st:e] = sc[np.arange(e - st), a]
+                arg[st:e] = a + self.offsets[cluster]
+        return val
+
     def search(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Best atom (global index) per unit signal row, and the number of atoms scored."""
         if y.shape[0] == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device), 0
         if self.mode == "exact":
             return self.exact(y), y.shape[0] * self.n_atoms
+        if self.device.type == "cpu":
+            return self.pruned_cpu(y)
         return self.pruned(y)
+
+
+class _Refiner:
+    """Sub-grid refinement: continuous (T1, T2*, B1) and M0 around the matched atom.
+
+    The dictionary's B1 step (0.1) is coarse next to its 5 % T1/T2* steps, and T1 trades off against
+    B1 (flip angles and inversion efficiency), so the grid argmax alone leaves a ~6 % median T1 error
+    for continuous B1. Starting from the argmax atom, ``_REFINE_ITER`` Gauss-Newton step(s) on the
+    signal model ``M0 |simulate(T1, T2*, B1)|`` in (log T1, log T2*, B1), M0 jointly (4 parameters,
+    forward-difference Jacobian: 3 extra vectorised simulations per voxel), the result clamped to
+    ``_REFINE_MAX_STEPS`` grid steps of the matched atom, to the grid's range and to T2* <= T1.
+    The refined parameters are kept only where the model there fits at least as well (cosine) as
+    the grid atom; elsewhere (and for non-finite steps) the voxel keeps the grid values. M0 and the
+    quality (cosine) are those of the re-simulated model at the reported parameters.
+
+    Measured (tests/test_matching.py: 4-slice protocol, noiseless, T1 600-3000, T2* 20-300, B1 0.7-1.3):
+    median T1 / T2* error 6.2 / 1.7 % on the grid, 0.09 / 0.01 % refined (2 steps, the second reusing
+    the first Jacobian; 0.3 / 0.04 % with one). ~2 % of the voxels (long T1) keep a T1 error
+    > 5 %: their optimum lies beyond ``_REFINE_MAX_STEPS``. Cost: 6 simulations per voxel (~2 us each for
+    47 slices). A quadratic fit of the inner-product
+    surface on the 3x3x3 neighbourhood was worse than no refinement on the grid (the surface is a
+    narrow curved T1-B1 ridge, far from quadratic over one B1 step; ~75 % of offsets hit the clamp).
+    """
+
+    def __init__(self, dictionary: MRFDictionary) -> None:
+        grid = dictionary.grid
+        self.protocol = dictionary.protocol
+        lt1 = np.log(grid.t1_values())
+        lt2 = np.log(grid.t2star_values())
+        b1 = np.asarray(grid.b1_values, float)
+        self.lo = np.array([lt1[0], lt2[0], b1[0]])
+        self.hi = np.array([lt1[-1], lt2[-1], b1[-1]])
+        self.step = np.array([_max_step(lt1), _max_step(lt2), _max_step(b1)])
+        self.max_offset = self.step * np.asarray(_REFINE_MAX_STEPS)
+        self.free = self.step > 0  # axes with a single grid value are not refined
+        self.h = np.array([1e-4, 1e-4, 1e-4])  # finite-difference steps
+
+    def model(self, z: int, th: np.ndarray) -> np.ndarray:
+        return np.abs(simulate(self.protocol, z, np.exp(th[:, 0]), np.exp(th[:, 1]), th[:, 2]))
+
+    def __call__(
+        self, z: int, sig: np.ndarray, t1: np.ndarray, t2: np.ndarray, b1: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Refined (T1, T2*, B1, M0, cosine) for raw signals ``sig`` (n, m) and grid parameters."""
+        sig = sig.astype(np.float64)
+        th0 = np.stack([np.log(t1), np.log(t2), b1], axis=1).astype(np.float64)
+        s0 = self.model(z, th0)
+        sig_norm = np.linalg.norm(sig, axis=1)
+        cos0 = _cosine(sig, s0, sig_norm)
+        th = th0.copy()
+        s = s0
+        eye = np.eye(3)
+        with np.errstate(all="ignore"):
+            for it in range(_REFINE_ITER):
+                if it > 0:
+                    s = self.model(z, th)
+                if it == 0 or not _REFINE_REUSE_JACOBIAN:
+                    jac = np.zeros(s.shape + (3,))
+                    for j in np.flatnonzero(self.free):
+                        jac[:, :, j] = (self.model(z, th + self.h[j] * eye[j]) - s) / self.h[j]
+                ss = np.einsum("nm,nm->n", s, s)
+                m0 = np.einsum("nm,nm->n", sig, s) / ss
+                jf = np.concatenate([s[:, :, None], m0[:, None, None] * jac], axis=2)
+                r = sig - m0[:, None] * s
+                jtj = np.einsum("nmi,nmj->nij", jf, jf)
+                jtr = np.einsum("nmi,nm->ni", jf, r)
+                # tiny Levenberg damping: keeps the solve defined where an axis has no effect
+                diag = np.einsum("nii->ni", jtj)
+                jtj[:, np.arange(4), np.arange(4)] += 1e-9 * diag + 1e-300
+                step = np.linalg.solve(jtj, jtr[:, :, None])[:, 1:, 0]
+                step = np.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
+                th = np.clip(th + step * self.free, th0 - self.max_offset, th0 + self.max_offset)
+                th = np.clip(th, self.lo, self.hi)
+                th[:, 1] = np.minimum(th[:, 1], th[:, 0])  # T2* <= T1, as in the dictionary
+            s = self.model(z, th)
+            cos = _cosine(sig, s, sig_norm)
+            ok = np.isfinite(cos) & (cos >= cos0) & np.all(np.isfinite(th), axis=1)
+            th = np.where(ok[:, None], th, th0)
+            s = np.where(ok[:, None], s, s0)
+            cos = np.where(ok, cos, cos0)
+            m0 = np.einsum("nm,nm->n", sig, s) / np.einsum("nm,nm->n", s, s)
+        return np.exp(th[:, 0]), np.exp(th[:, 1]), th[:, 2], m0, cos
+
+
+def _max_step(values: np.ndarray) -> float:
+    return float(np.max(np.diff(values))) if values.size > 1 else 0.0
+
+
+def _cosine(sig: np.ndarray, s: np.ndarray, sig_norm: np.ndarray) -> np.ndarray:
+    return np.einsum("nm,nm->n", sig, s) / (sig_norm * np.linalg.norm(s, axis=1))
 
 
 def match(
@@ -242,6 +445,7 @@ def match(
     threads: int | None = None,
     timing_key: str | None = None,
     stats: dict[str, Any] | None = None,
+    refine: bool = True,
 ) -> dict[str, np.ndarray]:
     """Match an MRF series ``(X, Y, Z, n_measurements)`` with its per-slice-position dictionary.
 
@@ -249,7 +453,9 @@ def match(
     are 0. ``timing_key``: the series' timing key, checked against the dictionary when given.
     ``block_voxels`` bounds memory (voxels matched at once). ``threads``: torch CPU threads.
     ``stats``: if a dict is given it receives ``voxels``, ``device``, ``mode`` and ``candidates``
-    (atoms scored exactly per voxel, svd mode). Returns float32 maps ``T1`` (ms), ``T2star`` (ms),
+    (atoms scored exactly per voxel, svd mode). ``refine``: sub-grid refinement of T1, T2*, B1 and
+    M0 around the matched atom (see :class:`_Refiner`; the atom itself is the same either way).
+    Returns float32 maps ``T1`` (ms), ``T2star`` (ms),
     ``B1``, ``M0`` and ``quality`` (cosine of the match, 0-1), each of shape ``(X, Y, Z)``.
     """
     if mode not in MODES:
@@ -291,12 +497,18 @@ def match(
     remaining: dict[int, int] = {}
     for z in range(shape3[2]):
         ix, iy = np.nonzero(mask[:, :, z])
-        for s in range(0, ix.size, block_voxels):
-            jobs.append((z, ix[s : s + block_voxels], iy[s : s + block_voxels]))
+        if ix.size == 0:
+            continue
+        # equal-sized blocks of at most block_voxels (balanced over the worker threads)
+        n_blocks = -(-ix.size // block_voxels)
+        bounds = np.linspace(0, ix.size, n_blocks + 1).round().astype(int)
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            jobs.append((z, ix[s:e], iy[s:e]))
             remaining[z] = remaining.get(z, 0) + 1
     for z in remaining:  # fail early on a slice position the dictionary lacks
         dictionary.require_slice(z)
     lock = threading.Lock()
+    refiner = _Refiner(dictionary) if refine else None
     searchers: dict[int, _SliceSearch] = {}
     scored_total = [0]
 
@@ -321,9 +533,18 @@ def match(
             q_np = score.clamp(0.0, 1.0).cpu().numpy()
         n_block = int(bx.size)
         bx, by = bx[okn], by[okn]
-        maps["T1"][bx, by, z] = t1[idx_np]
-        maps["T2star"][bx, by, z] = t2[idx_np]
-        maps["B1"][bx, by, z] = b1[idx_np]
+        if refiner is not None and idx_np.size:
+            r1, r2, rb, m0_np, q = refiner(
+                z, series[bx, by, z, :], dictionary.t1[idx_np], dictionary.t2star[idx_np], dictionary.b1[idx_np]
+            )
+            maps["T1"][bx, by, z] = r1
+            maps["T2star"][bx, by, z] = r2
+            maps["B1"][bx, by, z] = rb
+            q_np = np.clip(q, 0.0, 1.0)
+        else:
+            maps["T1"][bx, by, z] = t1[idx_np]
+            maps["T2star"][bx, by, z] = t2[idx_np]
+            maps["B1"][bx, by, z] = b1[idx_np]
         maps["M0"][bx, by, z] = m0_np
         maps["quality"][bx, by, z] = q_np
         with lock:
@@ -360,6 +581,7 @@ def match(
                 "workers": workers,
                 "candidates_per_voxel": scored_total[0] / total if total else 0.0,
                 "atoms_per_slice": dictionary.n_atoms,
+                "refine": bool(refine),
             }
         )
     return maps
@@ -391,6 +613,7 @@ def match_file(
     block_voxels: int = 16384,
     threads: int | None = None,
     progress: bool = False,
+    refine: bool = True,
 ) -> dict[str, Any]:
     """Match an MRF NIfTI with its dictionary and write the maps (float32, the MRF affine).
 
@@ -425,6 +648,7 @@ def match_file(
         progress=progress,
         threads=threads,
         stats=stats,
+        refine=refine,
     )
     for key, p in out_paths.items():
         out = nib.Nifti1Image(maps[key], img.affine)
