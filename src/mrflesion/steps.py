@@ -30,9 +30,12 @@ class StepError(RuntimeError):
     """A job-ending problem with a one-line explanation (bad input, typically)."""
 
 
-def main(smk: Any, step: str) -> None:
-    """Run ``step`` with stdout/stderr going to the rule's log; a StepError also reaches the console."""
-    func = globals()[step]
+def main(smk: Any, step: str, module: Any = None) -> None:
+    """Run ``step`` with stdout/stderr going to the rule's log; a StepError also reaches the console.
+
+    ``step`` is a function of this module, or of ``module`` when given (e.g. ``anat_steps``).
+    """
+    func = getattr(module, step) if module is not None else globals()[step]
     console = sys.stderr
     log_path = smk.log[0] if len(smk.log) else None
     with contextlib.ExitStack() as stack:
@@ -182,7 +185,7 @@ def match(smk: Any) -> None:
     stats = match_file(
         smk.input.mrf, smk.input.sidecar, smk.input.dictionary, out, mask_path=smk.input.mask,
         mode=str(cfg["mode"]), device=str(cfg["device"]), block_voxels=int(cfg["block_voxels"]),
-        threads=int(smk.threads), progress=True,
+        threads=int(smk.threads), progress=True, refine=bool(cfg.get("refine", True)),
     )
     sources = [smk.input.mrf, smk.input.sidecar, smk.input.mask]
     units = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)",

@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import save_nifti
 from .dictionary import DictionaryError, MRFDictionary
 from .sequence import Protocol
 from .signal import simulate
@@ -587,21 +587,6 @@ def match(
     return maps
 
 
-def _save_nifti_atomic(img: Any, path: Path) -> None:
-    import nibabel as nib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def match_file(
     mrf_path: str | os.PathLike[str],
     sidecar_path: str | os.PathLike[str],
@@ -654,6 +639,6 @@ def match_file(
         out = nib.Nifti1Image(maps[key], img.affine)
         out.set_data_dtype(np.float32)
         out.header.set_xyzt_units(*img.header.get_xyzt_units())
-        _save_nifti_atomic(out, Path(p))
+        save_nifti(out, Path(p))
     stats.update({"runtime_s": time.perf_counter() - t0, "timing_key": dictionary.timing_key})
     return stats
