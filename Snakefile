@@ -24,6 +24,8 @@ include: "rules/common.smk"
 include: "rules/phantom.smk"
 include: "rules/inputs.smk"
 include: "rules/qmri.smk"
+include: "rules/registration.smk"
+include: "rules/tissue.smk"
 include: "rules/group.smk"
 
 

@@ -19,6 +19,8 @@ rule participant:
         f"{OUT}/dataset_description.json",
         expand(f"{WORK}/inputs/{{stem}}_inputs.json", stem=STEMS),
         expand(f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz", stem=STEMS),
+        expand(f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_MRF.nii.gz", stem=STEMS),
+        expand(f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz", stem=STEMS),
 
 
 rule group_inputs:

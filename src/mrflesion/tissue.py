@@ -305,11 +305,17 @@ def em_segment(
 # --------------------------------------------------------------------------------------------------
 
 
-def _feature(data: np.ndarray, image_kind: str) -> np.ndarray:
-    """R1 = 1000/T1 [1/s] for T1 maps (0 where T1 <= 0), the intensity for T1w images."""
+#: T1 values (ms) below this are not tissue: the dictionary starts at 300 ms, and lower values in a
+#: resampled map come from interpolating towards the zero background at the brain edge. Such voxels
+#: would be R1 outliers (1000 / T1 -> large) that capture a mixture class; they are left out.
+T1_MIN_MS = 200.0
+
+
+def _feature(data: np.ndarray, image_kind: str, t1_min_ms: float = T1_MIN_MS) -> np.ndarray:
+    """R1 = 1000/T1 [1/s] for T1 maps (0 where T1 < ``t1_min_ms``), the intensity for T1w images."""
     data = np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if image_kind == "T1map":
-        return np.where(data > 1.0, 1000.0 / np.maximum(data, 1.0), 0.0).astype(np.float32)
+        return np.where(data >= t1_min_ms, 1000.0 / np.maximum(data, t1_min_ms), 0.0).astype(np.float32)
     if image_kind == "T1w":
         return np.clip(data, 0.0, None)
     raise ValueError(f"image_kind must be 'T1map' or 'T1w', got {image_kind!r}")

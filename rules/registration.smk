@@ -1,0 +1,65 @@
+# Registration to the T2w image: the MRF T1 map (rigid, then a phase-encode-restricted SyN stage when
+# registration.phase_encode_stage) and the FLAIR image (rigid; carries the manual lesion mask).
+
+_PE_STAGE = bool(config["registration"]["phase_encode_stage"])
+_XFM = f"{OUT}/{{stem}}_from-MRF_to-T2w_mode-image"
+# the PE warp and its inverse exist only with the PE stage (the xfm JSON lists what was used)
+_PE_OUTPUTS = (
+    {
+        "warp": f"{_XFM}_desc-pewarp_xfm.nii.gz",
+        "inverse_warp": f"{OUT}/{{stem}}_from-T2w_to-MRF_mode-image_desc-pewarp_xfm.nii.gz",
+    }
+    if _PE_STAGE
+    else {}
+)
+
+
+rule register_mrf:
+    input:
+        T1=f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz",
+        T2star=f"{OUT}/{{stem}}_acq-MRFEPI_T2starmap.nii.gz",
+        B1=f"{OUT}/{{stem}}_acq-MRFEPI_TB1map.nii.gz",
+        M0=f"{OUT}/{{stem}}_acq-MRFEPI_M0map.nii.gz",
+        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
+        mrf=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
+        t2w=lambda wc: PLAN.subjects[wc.stem].files["t2w"],
+    output:
+        rigid=f"{_XFM}_desc-rigid_xfm.mat",
+        xfm_json=f"{_XFM}_xfm.json",
+        **_PE_OUTPUTS,
+        T1=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_T1map.nii.gz",
+        T2star=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_T2starmap.nii.gz",
+        B1=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_TB1map.nii.gz",
+        M0=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_M0map.nii.gz",
+        MRF=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_MRF.nii.gz",
+        mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
+    params:
+        cfg=config["registration"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+    log:
+        f"{WORK}/logs/register_mrf/{{stem}}.log",
+    conda:
+        "../envs/registration.yaml"
+    script:
+        "../scripts/register_mrf.py"
+
+
+rule register_flair:
+    input:
+        flair=lambda wc: PLAN.subjects[wc.stem].files["flair"],
+        lesion=lambda wc: PLAN.subjects[wc.stem].files["lesion"],
+        t2w=lambda wc: PLAN.subjects[wc.stem].files["t2w"],
+    output:
+        xfm=f"{OUT}/{{stem}}_from-FLAIR_to-T2w_mode-image_xfm.mat",
+        lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
+    threads: 2
+    resources:
+        mem_mb=2000,
+    log:
+        f"{WORK}/logs/register_flair/{{stem}}.log",
+    conda:
+        "../envs/registration.yaml"
+    script:
+        "../scripts/register_flair.py"

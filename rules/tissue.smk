@@ -1,0 +1,25 @@
+# SPM-style tissue probabilities (GM, WM, CSF; NAWM = WM outside the lesion mask) in T2w space,
+# from the registered T1 map with MNI152 priors.
+
+
+rule tissue:
+    input:
+        T1=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_T1map.nii.gz",
+        mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
+        lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
+    output:
+        GM=f"{OUT}/{{stem}}_space-T2w_label-GM_probseg.nii.gz",
+        WM=f"{OUT}/{{stem}}_space-T2w_label-WM_probseg.nii.gz",
+        CSF=f"{OUT}/{{stem}}_space-T2w_label-CSF_probseg.nii.gz",
+        NAWM=f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz",
+    params:
+        cfg=config["tissue"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+    log:
+        f"{WORK}/logs/tissue/{{stem}}.log",
+    conda:
+        "../envs/tissue.yaml"
+    script:
+        "../scripts/tissue.py"

@@ -1,0 +1,258 @@
+"""Rule bodies of the anatomical stages: registration to the T2w image and tissue probabilities.
+
+Each ``smk`` function reads ``snakemake.input/output/params`` and calls a plain function of this
+module (usable without Snakemake); scripts/register_mrf.py etc. run them through
+``mrflesion.steps.main(snakemake, "<name>", anat_steps)`` for logging and error handling.
+
+Outputs (BIDS derivatives, ``<stem>`` = ``sub-X[/ses-Y]/anat/sub-X[_ses-Y]``):
+
+* ``<stem>_from-MRF_to-T2w_mode-image_desc-rigid_xfm.mat`` (ANTs/ITK rigid),
+  ``..._desc-pewarp_xfm.nii.gz`` and ``<stem>_from-T2w_to-MRF_mode-image_desc-pewarp_xfm.nii.gz``
+  (phase-encode warp and its inverse, only with ``registration.phase_encode_stage``), and
+  ``<stem>_from-MRF_to-T2w_mode-image_xfm.json`` listing the transform files actually used for the
+  maps and for the MRF series;
+* ``<stem>_acq-MRFEPI_space-T2w_{T1map,T2starmap,TB1map,M0map}.nii.gz`` (full transform, B-spline,
+  clipped at 0), ``<stem>_acq-MRFEPI_space-T2w_MRF.nii.gz`` (raw MRF series, rigid only unless
+  ``registration.mrf_full_transform``), ``<stem>_space-T2w_desc-brain_mask.nii.gz`` (the MRF brain
+  mask, full transform);
+* ``<stem>_from-FLAIR_to-T2w_mode-image_xfm.mat`` and ``<stem>_space-T2w_label-lesion_mask.nii.gz``;
+* ``<stem>_space-T2w_label-{GM,WM,CSF,NAWM}_probseg.nii.gz`` (0-1).
+
+Every NIfTI gets a JSON sidecar with Description, Units, Sources and ``TimingsSeconds``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_path, write_json
+
+MAP_KEYS = ("T1", "T2star", "B1", "M0")
+MAP_UNITS = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)", "M0": "arbitrary"}
+_RIGID_SUFFIX = "_from-MRF_to-T2w_mode-image_desc-rigid_xfm.mat"
+
+
+def _json_path(path: str | os.PathLike[str]) -> str:
+    base = os.fspath(path)
+    for ext in (".nii.gz", ".nii", ".mat"):
+        if base.endswith(ext):
+            return base[: -len(ext)] + ".json"
+    raise ValueError(f"no sidecar name for {base}")
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(float(v), 3) for k, v in timings.items()}
+
+
+def _save_like(data: Any, ref_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+               dtype: Any) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    ref = nib.load(os.fspath(ref_path))
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), ref.affine)
+    img.set_data_dtype(dtype)
+    img.set_qform(ref.affine, code=1)
+    img.set_sform(ref.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(out_path) as tmp:
+        nib.save(img, os.fspath(tmp))
+
+
+# ---------------------------------------------------------------------------------- registration
+def register_mrf_to_t2w(
+    maps: dict[str, str],
+    mrf: str,
+    mrf_mask: str,
+    t2w: str,
+    out: dict[str, str],
+    phase_encode_stage: bool = True,
+    mrf_full_transform: bool = False,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """T1 map (MRF space) -> T2w, then resample the maps, the MRF series and the brain mask.
+
+    ``maps``: MRF-space maps by key (``T1``, ``T2star``, ``B1``, ``M0``); ``out``: output paths by
+    key (``rigid``, ``xfm_json``, ``warp``/``inverse_warp`` with the PE stage, the map keys, ``MRF``,
+    ``mask``). Transforms are written under the names :mod:`mrflesion.registration` uses, derived
+    from ``out["rigid"]``. Returns the per-step timings (seconds) and the result.
+    """
+    from .registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w
+
+    rigid_out = os.fspath(out["rigid"])
+    if not rigid_out.endswith(_RIGID_SUFFIX):
+        raise ValueError(f"rigid output must end with {_RIGID_SUFFIX}: {rigid_out}")
+    prefix = rigid_out[: -len(_RIGID_SUFFIX)]
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    res = register_t1_to_t2w(maps["T1"], t2w, prefix, phase_encode_stage=phase_encode_stage,
+                             threads=threads)
+    timings.update({f"register_{k}": v for k, v in res.timings.items()})
+    timings["register"] = time.perf_counter() - t0
+    if phase_encode_stage:
+        for key, path in (("warp", res.warp), ("inverse_warp", res.inverse_warp)):
+            if key in out and Path(out[key]).resolve() != Path(path).resolve():  # type: ignore[arg-type]
+                raise ValueError(f"{key} written to {path}, expected {out[key]}")
+    for key in MAP_KEYS:
+        t0 = time.perf_counter()
+        with atomic_path(out[key]) as tmp:
+            apply_to_t2w(maps[key], res, t2w, tmp, interpolation="bSpline", rigid_only=False,
+                         clip_negative=True, threads=threads)
+        timings[f"apply_{key}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with atomic_path(out["MRF"]) as tmp:
+        apply_to_t2w(mrf, res, t2w, tmp, interpolation="bSpline", rigid_only=not mrf_full_transform,
+                     clip_negative=True, threads=threads)
+    timings["apply_MRF"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mask = mask_to_t2w(mrf_mask, res, t2w, None, threshold=0.5, threads=threads)
+    _save_like(mask, t2w, out["mask"], "uint8")
+    timings["apply_mask"] = time.perf_counter() - t0
+    return {"result": res, "timings": timings, "mask_voxels": int(mask.sum())}
+
+
+def register_mrf(smk: Any) -> None:
+    """Rule ``register_mrf``: transforms, maps, MRF series and brain mask in T2w space."""
+    cfg = smk.params.cfg
+    pe = bool(cfg["phase_encode_stage"])
+    full = bool(cfg["mrf_full_transform"])
+    maps = {k: smk.input[k] for k in MAP_KEYS}
+    out = {k: smk.output[k] for k in smk.output.keys()}
+    info = register_mrf_to_t2w(maps, smk.input.mrf, smk.input.mask, smk.input.t2w, out,
+                               phase_encode_stage=pe, mrf_full_transform=full, threads=int(smk.threads))
+    res, timings = info["result"], _rounded(info["timings"])
+    full_list = [os.fspath(p) for p in res.transforms(rigid_only=False)]
+    mrf_list = [os.fspath(p) for p in res.transforms(rigid_only=not full)]
+    write_json(smk.output.xfm_json, {
+        "Description": "Registration of the MRF-EPI T1 map to the T2w image (ANTs, antspyx): rigid "
+                       "(Mattes MI)" + (", then SyN restricted to the phase-encode axis" if pe else ""),
+        "Sources": [smk.input.T1, smk.input.t2w],
+        "Convention": "ANTs transform lists (apply in the order given, warp first): map T2w points to "
+                      "MRF points, i.e. ants.apply_transforms(fixed=T2w, moving=MRF-space image, "
+                      "transformlist=...).",
+        "PhaseEncodeStage": pe,
+        "MapTransforms": full_list,
+        "MRFSeriesTransforms": mrf_list,
+        "InverseWarp": None if res.inverse_warp is None else os.fspath(res.inverse_warp),
+        "Interpolation": "BSpline",
+        "TimingsSeconds": timings,
+    })
+    xfm_common = {"Sources": [smk.input.T1, smk.input.t2w], "TimingsSeconds": timings}
+    write_json(_json_path(smk.output.rigid), {
+        "Description": "Rigid MRF -> T2w transform (ITK/ANTs .mat; maps T2w points to MRF points)",
+        "Units": "mm", **xfm_common})
+    if pe:
+        write_json(_json_path(smk.output.warp), {
+            "Description": "Displacement field (phase-encode component only) on the T2w grid, applied "
+                           "before the rigid transform (EPI distortion correction)",
+            "Units": "mm", **xfm_common})
+        write_json(_json_path(smk.output.inverse_warp), {
+            "Description": "Inverse of the phase-encode warp (T2w -> MRF direction)", "Units": "mm",
+            **xfm_common})
+    for key in MAP_KEYS:
+        write_json(_json_path(smk.output[key]), {
+            "Description": f"MRF {key} map resampled into T2w space (full transform, B-spline, "
+                           "clipped at 0)",
+            "Units": MAP_UNITS[key], "Sources": [smk.input[key], smk.input.t2w, *full_list],
+            "Interpolation": "BSpline", "TimingsSeconds": timings})
+    write_json(_json_path(smk.output.MRF), {
+        "Description": "Raw MRF-EPI series resampled into T2w space ("
+                       + ("full transform" if full else "rigid part only: the EPI distortion is kept")
+                       + ", B-spline, clipped at 0); network input",
+        "Units": "arbitrary", "Sources": [smk.input.mrf, smk.input.t2w, *mrf_list],
+        "Interpolation": "BSpline", "TimingsSeconds": timings})
+    write_json(_json_path(smk.output.mask), {
+        "Type": "Brain", "Description": "MRF brain mask resampled into T2w space (full transform, "
+                                        "linear, >= 0.5)",
+        "Units": "1", "Sources": [smk.input.mask, smk.input.t2w, *full_list],
+        "Voxels": info["mask_voxels"], "TimingsSeconds": timings})
+    print(f"register_mrf: {timings}")
+
+
+def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_lesion: str,
+                          threads: int = 2) -> dict[str, Any]:
+    """FLAIR -> T2w rigid registration; the FLAIR-space lesion mask into T2w space (linear, >= 0.5)."""
+    from .registration import mask_to_t2w, register_flair_to_t2w
+
+    timings: dict[str, float] = {}
+    suffix = "_from-FLAIR_to-T2w_mode-image_xfm.mat"
+    out_xfm = os.fspath(out_xfm)
+    if not out_xfm.endswith(suffix):
+        raise ValueError(f"FLAIR transform must end with {suffix}: {out_xfm}")
+    t0 = time.perf_counter()
+    res = register_flair_to_t2w(flair, t2w, out_xfm[: -len(suffix)], threads=threads)
+    os.replace(res.rigid, out_xfm)
+    res.rigid = Path(out_xfm)
+    timings["register"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m = mask_to_t2w(lesion, res, t2w, None, threshold=0.5, threads=threads)
+    _save_like(m, t2w, out_lesion, "uint8")
+    timings["apply_lesion"] = time.perf_counter() - t0
+    return {"result": res, "timings": timings, "lesion_voxels": int(m.sum())}
+
+
+def register_flair(smk: Any) -> None:
+    """Rule ``register_flair``: FLAIR transform and the manual lesion mask in T2w space."""
+    info = register_flair_lesion(smk.input.flair, smk.input.lesion, smk.input.t2w, smk.output.xfm,
+                                 smk.output.lesion, threads=int(smk.threads))
+    timings = _rounded(info["timings"])
+    write_json(_json_path(smk.output.xfm), {
+        "Description": "Rigid FLAIR -> T2w transform (ANTs Mattes MI; ITK .mat, maps T2w points to "
+                       "FLAIR points)",
+        "Units": "mm", "Sources": [smk.input.flair, smk.input.t2w], "TimingsSeconds": timings})
+    write_json(_json_path(smk.output.lesion), {
+        "Type": "Lesion", "Description": "Manual lesion mask (FLAIR space) resampled into T2w space "
+                                         "(rigid, linear interpolation, >= 0.5)",
+        "Units": "1", "Sources": [smk.input.lesion, smk.input.flair, smk.input.t2w, smk.output.xfm],
+        "Voxels": info["lesion_voxels"], "TimingsSeconds": timings})
+    print(f"register_flair: {timings}")
+
+
+# ---------------------------------------------------------------------------------- tissue
+def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dict[str, str],
+                method: str = "em", prior_fwhm_mm: float = 6.0, threads: int = 2) -> dict[str, Any]:
+    """GM / WM / CSF / NAWM probabilities (0-1) of a T2w-space T1 map; writes ``out[GM|WM|CSF|NAWM]``."""
+    import nibabel as nib
+    import numpy as np
+
+    from .tissue import TISSUES, nawm, segment
+
+    timings: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    bm = None if brain_mask is None else np.asarray(nib.load(brain_mask).dataobj) > 0
+    probs = segment(t1map, brain_mask=bm, image_kind="T1map", threads=threads, method=method,  # type: ignore[arg-type]
+                    prior_fwhm_mm=float(prior_fwhm_mm), timings=timings, info=info)
+    t0 = time.perf_counter()
+    les = None if lesion is None else np.asarray(nib.load(lesion).dataobj) > 0
+    maps = {k: probs[k] for k in TISSUES}
+    maps["NAWM"] = nawm(probs["WM"], les)
+    for k, arr in maps.items():
+        _save_like(arr, t1map, out[k], "float32")
+    timings["write"] = time.perf_counter() - t0
+    return {"timings": timings, "info": info, "mask_voxels": int(probs["mask"].sum())}
+
+
+def tissue(smk: Any) -> None:
+    """Rule ``tissue``: SPM-style tissue probabilities in T2w space."""
+    cfg = smk.params.cfg
+    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM")}
+    res = tissue_maps(smk.input.T1, smk.input.mask, smk.input.lesion, out, method=str(cfg["method"]),
+                      prior_fwhm_mm=float(cfg["prior_fwhm_mm"]), threads=int(smk.threads))
+    timings = _rounded(res["timings"])
+    fit = {k: v for k, v in res["info"].items() if isinstance(v, str | int | float | list | dict)}
+    sources = [smk.input.T1, smk.input.mask, "nilearn:MNI152 2009 GM/WM/brain mask (priors)"]
+    for k, path in out.items():
+        desc = (f"{k} probability (posterior expected tissue fraction) from the T2w-space T1 map: "
+                f"MNI152 priors (FWHM {cfg['prior_fwhm_mm']} mm) + {cfg['method']} mixture with "
+                "partial-volume classes and bias field")
+        src = sources
+        if k == "NAWM":
+            desc = "Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask"
+            src = [*sources, smk.input.lesion]
+        write_json(_json_path(path), {"Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src,
+                                      "Method": str(cfg["method"]), "Fit": fit,
+                                      "MaskVoxels": res["mask_voxels"], "TimingsSeconds": timings})
+    print(f"tissue: {timings}")
