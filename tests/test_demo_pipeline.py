@@ -98,3 +98,28 @@ def test_dictionary_maps_accuracy_in_pure_tissue(demo: dict) -> None:
                 ref = _load(truth / f"{sub}_space-MRF_{name}.nii.gz")
                 err = float(np.median(np.abs(est[pure] - ref[pure]) / ref[pure]))
                 assert err < 0.05, (sub, tissue, name, err)
+
+
+def test_tissue_dice_on_the_full_chain(demo: dict) -> None:
+    """GM/WM from the pipeline's own matched T1 maps vs the true fractions, binarised at 80 %, both sites."""
+    from mrflesion.evaluate.metrics import tissue_dice
+
+    table = pd.read_csv(demo["phantom"] / "participants.tsv", sep="\t")
+    for sub in table["participant_id"]:
+        truth = demo["phantom"] / "derivatives/truth" / sub / "anat"
+        for tissue, floor in (("WM", 0.90), ("GM", 0.85)):
+            est = _load(demo["out"] / sub / "anat" / f"{sub}_space-T2w_label-{tissue}_probseg.nii.gz")
+            ref = _load(truth / f"{sub}_space-T2w_label-{tissue}_probseg.nii.gz")
+            assert tissue_dice(est, ref, 0.8) >= floor, (sub, tissue)
+    assert set(table["site"]) == {"site1", "site2"}
+
+
+def test_network_inputs_on_t2w_grid(demo: dict) -> None:
+    import nibabel as nib
+
+    for sub in _subjects(demo):
+        anat = demo["out"] / sub / "anat"
+        t2w = nib.load(str(demo["phantom"] / sub / "anat" / f"{sub}_T2w.nii.gz"))
+        mrf = nib.load(str(anat / f"{sub}_acq-MRFEPI_space-T2w_MRF.nii.gz"))
+        assert mrf.shape == t2w.shape + (35,)
+        assert abs(mrf.affine - t2w.affine).max() < 1e-4
