@@ -53,7 +53,7 @@ def _snakemake(tmp: Path, overlay: Path, env: dict, *extra: str, timeout: int = 
         # keep the SLURM logs of successful jobs (asserted below), group jobs at most 2 CPUs wide
         "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs",
         "--cores", "2", "--latency-wait", "10",
-        *extra,
+        *extra, "all", "train",
     ]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout + 60)
 
