@@ -29,7 +29,7 @@ rule denoise:
         source=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
     log:
         f"{WORK}/logs/denoise/{{stem}}.log",
     conda:
@@ -69,7 +69,7 @@ rule match:
         cfg=config["matching"],
     threads: 2
     resources:
-        mem_mb=6000,
+        mem_mb=lambda wc, attempt: 6000 * attempt,
     log:
         f"{WORK}/logs/match/{{stem}}.log",
     conda:

@@ -37,7 +37,7 @@ rule register_mrf:
         cfg=config["registration"],
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
     log:
         f"{WORK}/logs/register_mrf/{{stem}}.log",
     conda:
@@ -56,7 +56,7 @@ rule register_flair:
         lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
     threads: 2
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
     log:
         f"{WORK}/logs/register_flair/{{stem}}.log",
     conda:

@@ -16,7 +16,7 @@ rule tissue:
         cfg=config["tissue"],
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
     log:
         f"{WORK}/logs/tissue/{{stem}}.log",
     conda:
