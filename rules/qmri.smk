@@ -4,10 +4,13 @@
 rule mrf_mask:
     input:
         mrf=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
+        checked=f"{WORK}/inputs/{{stem}}_inputs.json",
     output:
         mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
     params:
         source=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
+    benchmark:
+        f"{WORK}/benchmarks/mrf_mask/{{stem}}.tsv",
     log:
         f"{WORK}/logs/mrf_mask/{{stem}}.log",
     conda:
@@ -30,6 +33,8 @@ rule denoise:
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
+    benchmark:
+        f"{WORK}/benchmarks/denoise/{{stem}}.tsv",
     log:
         f"{WORK}/logs/denoise/{{stem}}.log",
     conda:
@@ -70,6 +75,8 @@ rule match:
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 6000 * attempt,
+    benchmark:
+        f"{WORK}/benchmarks/match/{{stem}}.tsv",
     log:
         f"{WORK}/logs/match/{{stem}}.log",
     conda:

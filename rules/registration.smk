@@ -38,6 +38,8 @@ rule register_mrf:
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
+    benchmark:
+        f"{WORK}/benchmarks/register_mrf/{{stem}}.tsv",
     log:
         f"{WORK}/logs/register_mrf/{{stem}}.log",
     conda:
@@ -51,12 +53,15 @@ rule register_flair:
         flair=lambda wc: PLAN.subjects[wc.stem].files["flair"],
         lesion=lambda wc: PLAN.subjects[wc.stem].files["lesion"],
         t2w=lambda wc: PLAN.subjects[wc.stem].files["t2w"],
+        checked=f"{WORK}/inputs/{{stem}}_inputs.json",
     output:
         xfm=f"{OUT}/{{stem}}_from-FLAIR_to-T2w_mode-image_xfm.mat",
         lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
+    benchmark:
+        f"{WORK}/benchmarks/register_flair/{{stem}}.tsv",
     log:
         f"{WORK}/logs/register_flair/{{stem}}.log",
     conda:

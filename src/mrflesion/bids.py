@@ -5,8 +5,11 @@ pybids builds a database of every file and is far too slow for cohort-sized data
 parses BIDS entities from file names, which indexes 10,000 subjects in a few seconds
 (``benchmarks/bench_discovery.py``).
 
-A subject whose inputs are missing or ambiguous is not fatal: :func:`discover` returns it as an
-:class:`InputProblem` with one line naming the subject and the file, and the other subjects run.
+A subject whose inputs are missing, ambiguous or not plain files (a broken symbolic link, a
+directory), a ``sub-*``/``ses-*`` folder whose label is not letters and digits or cannot be read, and
+a participants.tsv row that is missing, duplicated, without a site or with an invalid
+``participant_id`` are not fatal: :func:`discover` returns each as an :class:`InputProblem` with one
+line naming the subject and the file, and the other subjects run.
 """
 
 from __future__ import annotations
@@ -84,6 +87,15 @@ class SubjectInputs:
 
 
 @dataclass
+class IndexNotes:
+    """What :func:`index_dataset` passed over, so that :func:`discover` can say why an input is missing."""
+
+    bad_folders: list[InputProblem] = field(default_factory=list)  # invalid label or unreadable
+    ignored: dict[tuple[str, str | None], list[str]] = field(default_factory=dict)  # non-BIDS names per unit
+    not_files: dict[str, str] = field(default_factory=dict)  # path -> what it is instead of a file
+
+
+@dataclass
 class Discovery:
     subjects: list[SubjectInputs] = field(default_factory=list)
     problems: list[InputProblem] = field(default_factory=list)
@@ -118,24 +130,62 @@ def parse_name(name: str) -> tuple[tuple[tuple[str, str], ...], str, str] | None
     return tuple(entities), suffix, "." + ext
 
 
+_UNREADABLE = "folder unreadable (permission denied)"
+
+
 def _scandir_dirs(path: str, prefix: str) -> list[str]:
+    """Sub-folders of ``path`` starting with ``prefix``; PermissionError propagates."""
     try:
         with os.scandir(path) as it:
             return [e.name for e in it if e.name.startswith(prefix) and e.is_dir()]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
-def index_dataset(root: str | os.PathLike[str], datatypes: Iterable[str] = ("anat",)) -> list[BIDSFile]:
-    """Every BIDS-named file under ``root/sub-*/[ses-*/]<datatype>/``."""
+def _not_file(entry: os.DirEntry[str]) -> str | None:
+    """None for a regular file (or a link to one), else what the entry is. No stat for plain files."""
+    if entry.is_file():
+        return None
+    if entry.is_symlink():
+        return "a broken symbolic link" if not os.path.exists(entry.path) else "a link to a non-file"
+    return "a directory, not a file" if entry.is_dir() else "not a regular file"
+
+
+def index_dataset(
+    root: str | os.PathLike[str], datatypes: Iterable[str] = ("anat",), notes: IndexNotes | None = None
+) -> list[BIDSFile]:
+    """Every BIDS-named file under ``root/sub-*/[ses-*/]<datatype>/``.
+
+    ``notes``, when given, collects what was passed over: ``sub-``/``ses-`` folders with an invalid
+    label or that cannot be read, names that are not BIDS (or name another subject/session), and
+    BIDS-named entries that are not regular files.
+    """
     root = os.fspath(root)
     wanted = set(datatypes)
+    notes = notes if notes is not None else IndexNotes()
     out: list[BIDSFile] = []
     for sub_dir in sorted(_scandir_dirs(root, "sub-")):
         subject = sub_dir[4:]
         sub_path = os.path.join(root, sub_dir)
+        if not _LABEL.match(subject):
+            notes.bad_folders.append(InputProblem(
+                subject, None, sub_path, "folder label is not letters and digits"
+            ))
+            continue
         sessions: list[tuple[str | None, str]] = [(None, sub_path)]
-        sessions += [(s[4:], os.path.join(sub_path, s)) for s in sorted(_scandir_dirs(sub_path, "ses-"))]
+        try:
+            ses_dirs = sorted(_scandir_dirs(sub_path, "ses-"))
+        except PermissionError:
+            notes.bad_folders.append(InputProblem(subject, None, sub_path, _UNREADABLE))
+            continue
+        for ses_dir in ses_dirs:
+            if _LABEL.match(ses_dir[4:]):
+                sessions.append((ses_dir[4:], os.path.join(sub_path, ses_dir)))
+            else:
+                notes.bad_folders.append(InputProblem(
+                    subject, ses_dir[4:], os.path.join(sub_path, ses_dir),
+                    "folder label is not letters and digits",
+                ))
         for session, ses_path in sessions:
             for datatype in wanted:
                 dt_path = os.path.join(ses_path, datatype)
@@ -143,21 +193,32 @@ def index_dataset(root: str | os.PathLike[str], datatypes: Iterable[str] = ("ana
                     it = os.scandir(dt_path)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
+                except PermissionError:
+                    notes.bad_folders.append(InputProblem(subject, session, dt_path, _UNREADABLE))
+                    continue
                 with it:
                     for entry in it:
                         parsed = parse_name(entry.name)
-                        if parsed is None:
+                        ent = dict(parsed[0]) if parsed is not None else {}
+                        if parsed is None or ent.get("sub") != subject or ent.get("ses") != session:
+                            # not BIDS, or the name disagrees with its folder: not a valid BIDS file
+                            if not entry.name.startswith("."):
+                                notes.ignored.setdefault((subject, session), []).append(entry.name)
                             continue
                         entities, suffix, ext = parsed
-                        ent = dict(entities)
-                        if ent.get("sub") != subject or ent.get("ses") != session:
-                            continue  # file name disagrees with its folder: not a valid BIDS file
+                        what = _not_file(entry)
+                        if what is not None:
+                            notes.not_files[entry.path] = what
                         out.append(BIDSFile(entry.path, subject, session, datatype, entities, suffix, ext))
     return out
 
 
 def read_participants(root: str | os.PathLike[str], site_column: str) -> dict[str, dict[str, str]]:
-    """participants.tsv as {label: row}; raises BIDSError naming the problem."""
+    """participants.tsv as {label: row}; raises BIDSError naming the problem.
+
+    A label seen twice gets ``"__duplicate__"`` in its row; one that is not letters and digits
+    (``sub-01/x``) is kept as it is, for :func:`discover` to report.
+    """
     path = Path(root) / "participants.tsv"
     if not path.is_file():
         raise BIDSError(f"participants.tsv not found: {path}")
@@ -204,12 +265,17 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
     specs = config["inputs"]
     datatypes = {specs[k]["datatype"] for k in INPUT_KINDS}
 
-    raw_files = index_dataset(root, datatypes)
+    notes = IndexNotes()
+    raw_files = index_dataset(root, datatypes, notes)
     deriv_files: dict[str, list[BIDSFile]] = {}
     for kind in INPUT_KINDS:
         deriv = specs[kind].get("derivatives")
         if deriv and deriv not in deriv_files:
-            deriv_files[deriv] = index_dataset(os.path.join(root, deriv), datatypes)
+            deriv_notes = IndexNotes()  # its bad folders are not units: only the raw dataset's count
+            deriv_files[deriv] = index_dataset(os.path.join(root, deriv), datatypes, deriv_notes)
+            notes.not_files.update(deriv_notes.not_files)
+            for unit, names in deriv_notes.ignored.items():
+                notes.ignored.setdefault(unit, []).extend(names)
 
     include = set(config.get("participant_label") or [])
     exclude = set(config.get("exclude_participant_label") or [])
@@ -237,6 +303,14 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
     units = {(s, ses) for s, ses in units if ses is not None or s not in with_sessions}
 
     result = Discovery()
+    tsv = os.path.join(root, "participants.tsv")
+    if not include:
+        for label in participants:
+            if not _LABEL.match(label):
+                pid = participants[label].get("participant_id", "")
+                reason = f"invalid participant_id {pid!r} (not sub-<letters and digits>) in"
+                result.problems.append(InputProblem(label, None, tsv, reason))
+    result.problems += [p for p in notes.bad_folders if wanted(p.subject, p.session)]
     for subject, session in sorted(units, key=lambda u: (u[0], u[1] or "")):
         if not wanted(subject, session):
             continue
@@ -272,12 +346,23 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
                     where, f"sub-{subject}", *([f"ses-{session}"] if session else []), spec["datatype"],
                     _expected_name(subject, session, spec),
                 )
-                problem = InputProblem(subject, session, expected, f"missing {kind} input")
+                # names that look like this input but were passed over (sub02_T2w.nii.gz, sub-03_T2w.nii.gz)
+                ignored = [n for n in notes.ignored.get((subject, session), []) if spec["suffix"].lower() in n.lower()]
+                hint = f" (ignored, not BIDS-named for this folder: {_first(ignored)})" if ignored else ""
+                problem = InputProblem(subject, session, expected, f"missing {kind} input{hint}")
             else:
                 problem = InputProblem(subject, session, ", ".join(sorted(paths)), f"several {kind} inputs match")
             break
+        if problem is None:
+            for kind in INPUT_KINDS:
+                what = notes.not_files.get(files[kind])
+                if what is not None:
+                    problem = InputProblem(subject, session, files[kind], f"{kind} input is {what}")
+                    break
         if problem is None and not os.path.isfile(_sidecar_path(files["mrf"])):
-            problem = InputProblem(subject, session, _sidecar_path(files["mrf"]), "missing MRF sidecar")
+            side = _sidecar_path(files["mrf"])
+            reason = "MRF sidecar is not a regular file" if os.path.lexists(side) else "missing MRF sidecar"
+            problem = InputProblem(subject, session, side, reason)
         if problem is not None:
             result.problems.append(problem)
             continue
@@ -287,6 +372,11 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
             InputProblem(label, None, os.path.join(root, f"sub-{label}"), "requested participant not found")
         )
     return result
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(sorted(names)[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _expected_name(subject: str, session: str | None, spec: Mapping[str, Any]) -> str:

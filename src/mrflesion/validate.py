@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,15 +23,65 @@ from .mrf.sequence import Protocol, ProtocolError
 
 class InputError(ValueError):
     def __init__(self, key: str, reason: str, path: str | Path) -> None:
-        self.key, self.reason, self.path = key, reason, str(path)
-        super().__init__(f"{key}: {reason}: {path}")
+        self.key, self.reason, self.path = key, _one_line(reason), str(path)
+        super().__init__(f"{key}: {self.reason}: {path}")
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace (library messages sometimes span lines) so every error is one line."""
+    return " ".join(str(text).split())
+
+
+_NIFTI1_MAGIC = (b"n+1\0", b"ni1\0")  # at byte 344 of a NIfTI-1 header
+_NIFTI2_MAGIC = (b"n+2\0", b"ni2\0")  # at byte 4 of a NIfTI-2 header
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _check_file(key: str, path: Path, what: str) -> None:
+    """File-system level problems, each with its own reason (checked before reading)."""
+    if not os.path.lexists(path):
+        raise InputError(key, f"{what} file missing", path)
+    if path.is_symlink() and not path.exists():
+        raise InputError(key, f"{what} file is a broken symbolic link", path)
+    if path.is_dir():
+        raise InputError(key, f"{what} path is a directory, not a file", path)
+    if not path.is_file():
+        raise InputError(key, f"{what} path is not a regular file", path)
+    if not os.access(path, os.R_OK):
+        raise InputError(key, f"{what} file unreadable (permission denied)", path)
+    if path.stat().st_size == 0:
+        raise InputError(key, f"{what} file is empty (0 bytes)", path)
+
+
+def _diagnose(path: Path) -> str | None:
+    """Why nibabel could not read ``path``: a cut-off compressed stream, or no NIfTI header at all."""
+    try:
+        if path.name.endswith(".gz"):
+            with path.open("rb") as fh:
+                if fh.read(2) != _GZIP_MAGIC:
+                    return "file is not gzip-compressed (a .nii.gz must be)"
+            with gzip.open(path, "rb") as gz:
+                head = gz.read(348)
+                while gz.read(1 << 22):
+                    pass
+        else:
+            with path.open("rb") as fh:
+                head = fh.read(348)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        return f"file truncated or corrupt ({type(exc).__name__})"
+    except OSError:
+        return None
+    if head[344:348] in _NIFTI1_MAGIC or head[4:8] in _NIFTI2_MAGIC:
+        return "file truncated or corrupt (shorter than its header says)"
+    if len(head) < 348:
+        return "file is not a NIfTI image (shorter than a NIfTI header)"
+    return "file is not a NIfTI image (no NIfTI-1/2 header)"
 
 
 def load_image(key: str, path: str | Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Load a NIfTI fully (so truncation is caught here), with a one-line error on failure."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(key, f"{what} file missing", path)
+    _check_file(key, path, what)
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -38,10 +89,11 @@ def load_image(key: str, path: str | Path, what: str) -> tuple[nib.Nifti1Image, 
         raise InputError(key, f"{what} file unreadable (permission denied)", path) from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError(key, f"{what} file truncated or corrupt ({type(exc).__name__})", path) from None
-    except Exception as exc:  # nibabel raises several types for non-NIfTI content
-        raise InputError(key, f"{what} file is not a readable NIfTI image ({exc})", path) from None
+    except Exception as exc:  # nibabel raises several types (ImageFileError, OSError...) for bad content
+        reason = _diagnose(path) or f"file is not a readable NIfTI image ({type(exc).__name__}: {exc})"
+        raise InputError(key, f"{what} {reason}", path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(key, f"{what} file is not a NIfTI image", path)
+        raise InputError(key, f"{what} file is not a NIfTI image ({type(img).__name__})", path)
     return img, data
 
 
@@ -60,6 +112,10 @@ def _bbox(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return world.min(axis=0), world.max(axis=0)
 
 
+def _shape(data: np.ndarray) -> str:
+    return "x".join(str(n) for n in data.shape)
+
+
 def overlap_fraction(a: nib.Nifti1Image, b: nib.Nifti1Image) -> float:
     """Volume of the intersection of the two fields of view over the smaller one."""
     (alo, ahi), (blo, bhi) = _bbox(a), _bbox(b)
@@ -70,10 +126,14 @@ def overlap_fraction(a: nib.Nifti1Image, b: nib.Nifti1Image) -> float:
 
 def read_sidecar(key: str, path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise InputError(key, "MRF sidecar missing", path)
+    if not path.is_file():
+        raise InputError(key, "MRF sidecar is not a regular file (broken link or directory)", path)
     try:
         side = json.loads(path.read_text())
+    except PermissionError:
+        raise InputError(key, "MRF sidecar unreadable (permission denied)", path) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(key, f"MRF sidecar is not valid JSON ({exc})", path) from None
     if not isinstance(side, dict):
@@ -91,10 +151,15 @@ def check_subject(
     if mrf.shape[3] != n_measurements:
         raise InputError(key, f"MRF series has {mrf.shape[3]} volumes, expected {n_measurements}", files["mrf"])
     _check_values(key, mrf, files["mrf"], "MRF series")
+    empty = [i + 1 for i in range(mrf.shape[3]) if not np.any(mrf[..., i])]
+    if empty:
+        raise InputError(
+            key, f"MRF series volume {empty[0]} of {mrf.shape[3]} is all zero ({len(empty)} such)", files["mrf"]
+        )
     side = read_sidecar(key, sidecar)
     try:
         protocol = Protocol.from_sidecar(side)
-    except ProtocolError as exc:
+    except (ProtocolError, ValueError) as exc:  # float("abc") in a timing list is a plain ValueError
         raise InputError(key, f"MRF sidecar timing: {exc}", sidecar) from None
     if protocol.n_measurements != n_measurements:
         raise InputError(
@@ -117,14 +182,27 @@ def check_subject(
     if flair.ndim != 3:
         raise InputError(key, f"FLAIR image must be 3D, got {flair.ndim}D", files["flair"])
     _check_values(key, flair, files["flair"], "FLAIR image")
+    frac_flair = overlap_fraction(flair_img, t2w_img)
+    if frac_flair < 0.5:
+        raise InputError(key, f"FLAIR and T2w fields of view overlap by only {frac_flair:.0%}", files["flair"])
 
     mask_img, mask = load_image(key, files["lesion"], "lesion mask")
     if mask.ndim != 3:
         raise InputError(key, f"lesion mask must be 3D, got {mask.ndim}D", files["lesion"])
-    if mask.shape != flair.shape or not np.allclose(mask_img.affine, flair_img.affine, atol=1e-3):
-        raise InputError(key, "lesion mask is not on the FLAIR grid (shape or affine differ)", files["lesion"])
-    if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
-        raise InputError(key, "lesion mask values must lie in [0, 1]", files["lesion"])
+    if mask.shape != flair.shape:
+        raise InputError(
+            key, f"lesion mask is not on the FLAIR grid (shape {_shape(mask)} vs {_shape(flair)})", files["lesion"]
+        )
+    if not np.allclose(mask_img.affine, flair_img.affine, atol=1e-3):
+        raise InputError(key, "lesion mask is not on the FLAIR grid (affines differ)", files["lesion"])
+    if not np.isfinite(mask).all():
+        n = int((~np.isfinite(mask)).sum())
+        raise InputError(key, f"lesion mask has {n} NaN/Inf voxels", files["lesion"])
+    if mask.min() < 0 or mask.max() > 1:
+        raise InputError(
+            key, f"lesion mask values must lie in [0, 1] (found {mask.min():g} to {mask.max():g})", files["lesion"]
+        )
+    # An all-zero mask is valid: a control, or a patient without visible lesions.
     lesion_voxels = int((mask >= 0.5).sum())
     return {
         "subject": key,
