@@ -21,13 +21,20 @@ include: "rules/config.smk"
 
 
 include: "rules/common.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
 include: "rules/phantom.smk"
 include: "rules/inputs.smk"
 include: "rules/qmri.smk"
 include: "rules/registration.smk"
 include: "rules/tissue.smk"
 include: "rules/group.smk"
-include: "rules/train.smk"
+
+
+# Networks are trained, applied and evaluated when the cohort's split allows it; otherwise the main
+# job stops after the conventional chain and says why (one line).
+if TRAINING.problem():
+    print(f"mrflesion: no network training or evaluation: {TRAINING.problem()}", file=sys.stderr)
 
 
 rule all:
@@ -35,7 +42,6 @@ rule all:
     input:
         rules.participant.input,
         rules.group.input,
-
-
-# Network training (`snakemake train`) is a separate target until its acceptance holds on the demo
-# (issue 6): the main job does not train yet.
+        [] if TRAINING.problem() else rules.train.input,
+        [] if TRAINING.problem() else [EVAL.subject_outputs(s)["report"] for s in STEMS],
+        [] if TRAINING.problem() else rules.group_evaluation.output,

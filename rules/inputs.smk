@@ -9,6 +9,8 @@ rule check_inputs:
     params:
         key=lambda wc: PLAN.subjects[wc.stem].key,
         n_measurements=config["mrf_measurements"],
+    benchmark:
+        f"{WORK}/benchmarks/check_inputs/{{stem}}.tsv",
     log:
         f"{WORK}/logs/check_inputs/{{stem}}.log",
     conda:

@@ -7,6 +7,8 @@ if PLAN.phantom:
             description=f"{PLAN.bids_dir}/dataset_description.json",
             participants=f"{PLAN.bids_dir}/participants.tsv",
             files=[f for s in PLAN.subjects.values() for f in (*s.files.values(), s.sidecar)],
+            # ground truth that the evaluation reads (mrflesion.evaluate_steps.TRUTH_FILES)
+            truth=EVAL.all_truth_files(),
         params:
             out=PLAN.bids_dir,
             cfg=config["phantom"],

@@ -17,6 +17,8 @@ rule tissue:
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
+    benchmark:
+        f"{WORK}/benchmarks/tissue/{{stem}}.tsv",
     log:
         f"{WORK}/logs/tissue/{{stem}}.log",
     conda:

@@ -123,3 +123,76 @@ def test_network_inputs_on_t2w_grid(demo: dict) -> None:
         mrf = nib.load(str(anat / f"{sub}_acq-MRFEPI_space-T2w_MRF.nii.gz"))
         assert mrf.shape == t2w.shape + (35,)
         assert abs(mrf.affine - t2w.affine).max() < 1e-4
+
+
+def _splits(demo: dict) -> pd.DataFrame:
+    return pd.read_csv(demo["out"] / "group" / "splits.tsv", sep="\t")
+
+
+def test_every_network_trained_and_applied(demo: dict) -> None:
+    """Each configured network: a model, and outputs in T2w space in physical units for every subject."""
+    import nibabel as nib
+    import numpy as np
+
+    from mrflesion.evaluate_steps import output_files
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for net in cfg["networks"]:
+        assert (demo["out"] / "models" / net["name"] / "best.pt").is_file()
+        for sub in _subjects(demo):
+            files = output_files(str(demo["out"]), f"{sub}/anat/{sub}", net["name"], net["outputs"])
+            t2w = nib.load(str(demo["phantom"] / sub / "anat" / f"{sub}_T2w.nii.gz"))
+            for name, path in files.items():
+                img = nib.load(path)
+                assert img.shape == t2w.shape and abs(img.affine - t2w.affine).max() < 1e-4
+                a = np.asarray(img.dataobj)
+                side = json.loads(Path(path.replace(".nii.gz", ".json")).read_text())
+                assert side["Inference"]["network"] == net["name"] and side["Inference"]["predict_seconds"] > 0
+                if name in ("T1", "T2star"):
+                    assert side["Units"] == "ms" and 100 < np.median(a[a > 0]) < 3000, (sub, name)
+                else:
+                    assert a.min() >= 0 and a.max() <= 1, (sub, name)
+
+
+def test_network_accuracy_on_test_subjects(demo: dict) -> None:
+    """The trained 5-output network against the pipeline's references on held-out (test) subjects:
+    T1 within 15 % (the issue's learning bar, demo-sized training) and NAWM Dice >= 0.7."""
+    metrics = pd.read_csv(demo["out"] / "group" / "metrics.tsv", sep="\t", na_values=["n/a"])
+    test = metrics[(metrics.split == "test") & (metrics.reference == "pipeline") & (metrics.network == "MSE-5")]
+    assert set(test.subject) == set(_splits(demo).query("split == 'test'").subject)
+    v = test.groupby("metric")["value"].mean()
+    assert v["T1_mrd"] < 0.15, v.to_dict()
+    assert v["NAWM_dice"] >= 0.7, v.to_dict()
+
+
+def test_group_tables(demo: dict) -> None:
+    out = demo["out"] / "group"
+    summary = pd.read_csv(out / "summary_sites.tsv", sep="\t", na_values=["n/a"])
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    names = {n["name"] for n in cfg["networks"]}
+    assert set(summary.network) == names and {"site1", "site2", "all"} <= set(summary.site)
+    n_test = _splits(demo).query("split == 'test'").groupby("site").size().to_dict()
+    dice = summary[summary.metric == "pipeline:lesion_dice"].set_index(["site", "network"])["n"]
+    for site, n in n_test.items():
+        assert (dice.loc[site] == n).all()
+    for name in ("tests_sites.tsv", "tests_networks.tsv", "failed.tsv", "times.tsv", "metrics.tsv"):
+        assert (out / name).is_file(), name
+    times = pd.read_csv(out / "times.tsv", sep="\t")
+    assert len(times) == len(_subjects(demo)) * len(names)
+    assert (times.conventional_s > times.inference_s).all()
+
+
+def test_reports_open_in_chromium(demo: dict, tmp_path: Path) -> None:
+    """Every per-subject report and the group report in headless Chromium: no console error, no
+    broken image, a screenshot that is not blank."""
+    from browser import BrowserUnavailable, check_page
+
+    reports = [demo["out"] / sub / "anat" / f"{sub}_report.html" for sub in _subjects(demo)]
+    reports.append(demo["out"] / "group" / "report.html")
+    for page in reports:
+        assert page.is_file(), page
+        try:
+            problems = check_page(page, tmp_path / f"{page.stem}.png")
+        except BrowserUnavailable as exc:
+            pytest.skip(f"no chromium: {exc}")
+        assert problems == [], (page, problems)

@@ -109,7 +109,9 @@ def test_splits_rule_writes_the_planned_table(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = (out / "group" / "splits.tsv").read_text()
-    assert written == learn_steps.splits_text(learn_steps.make_splits(_rows(12), _config()["training"]["split"]))
+    cfg = _config()
+    planned = learn_steps.make_splits(_rows(cfg["phantom"]["subjects"]), cfg["training"]["split"])
+    assert written == learn_steps.splits_text(planned)
 
 
 # ---------------------------------------------------------------------------------------- (b) learning
@@ -242,7 +244,7 @@ def test_dry_run_one_job_per_network(tmp_path: Path) -> None:
     for res in jobs.values():
         assert "mem_mb=4000" in res and "runtime=60" in res and "gpu" not in res
     # test subjects are no input of any training job
-    split = learn_steps.make_splits(_rows(12), _config()["training"]["split"])
+    split = learn_steps.make_splits(_rows(_config()["phantom"]["subjects"]), _config()["training"]["split"])
     for sub in split.subject[split.split == "test"]:
         assert f"{sub}_acq-MRFEPI_space-T2w_MRF" not in log
 

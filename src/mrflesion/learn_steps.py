@@ -192,6 +192,16 @@ class TrainingPlan:
         kinds = needed_images(self.networks[network])
         return [subject_images(self.out, st, self.plan.subjects[st].key, kinds) for st in self.stems(split)]
 
+    def problem(self) -> str | None:
+        """Why no network can be trained on this cohort (None when training is possible)."""
+        if not self.networks:
+            return "no networks configured"
+        n_train, n_val = len(self.stems("train")), len(self.stems("val"))
+        if not n_train or not n_val:
+            return (f"the split has {n_train} training and {n_val} validation subjects "
+                    "(see training.split in the config)")
+        return None
+
     def inputs(self, network: str) -> dict[str, Any]:
         """Named inputs of a training job: ``splits`` and, per image kind, the training and validation
         subjects' files (test subjects are never inputs)."""

@@ -1,0 +1,467 @@
+"""Rule bodies of inference, per-subject evaluation and the group tables (DESIGN.md section 5).
+
+* ``infer``: one subject x one network; outputs in T2w space, physical units, with sidecars
+  (:func:`output_files` names them: ``desc-<network label>`` where the label is the network name
+  without non-alphanumerics, e.g. ``MSE-2-1`` -> ``MSE21``).
+* ``evaluate_subject``: every network's outputs against (a) the pipeline's references as in the
+  method (dictionary T1/T2* in T2w space, SPM-style NAWM/GM, the registered manual mask) and (b) the
+  phantom's ground truth when the input is the phantom. Writes a long metrics TSV (network,
+  reference, metric, value), the same as JSON, the threshold curves and per-lesion tables, and the
+  self-contained HTML report.
+* ``group_evaluation``: per-site tables (TSV + HTML) over the subjects of ``evaluation.summary_splits``.
+
+Metric conventions: lesion maps are binarised with ``prob >= threshold`` (33 %), tissue maps at 80 %;
+T1/T2* mean relative deviation |pred - ref| / ref over the T2w-space brain mask, where the T2* reference
+is clipped at the network's ceiling (300 ms, see :class:`mrflesion.learn.data.Normalisation`: CSF T2*
+beyond it is not a trained quantity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .io import write_json, write_text
+from .learn_steps import TRAIN_IMAGES
+
+#: Network outputs in T2w space, relative to output_dir (``{stem}``, ``{label}`` filled in).
+OUTPUT_FILES = {
+    "T1": "{stem}_space-T2w_desc-{label}_T1map.nii.gz",
+    "T2star": "{stem}_space-T2w_desc-{label}_T2starmap.nii.gz",
+    "NAWM": "{stem}_space-T2w_label-NAWM_desc-{label}_probseg.nii.gz",
+    "GM": "{stem}_space-T2w_label-GM_desc-{label}_probseg.nii.gz",
+    "lesion": "{stem}_space-T2w_label-lesion_desc-{label}_probseg.nii.gz",
+}
+UNITS = {"T1": "ms", "T2star": "ms", "NAWM": "1 (probability)", "GM": "1 (probability)",
+         "lesion": "1 (probability)"}
+
+#: The pipeline's references in T2w space (method), relative to output_dir: the training images.
+REFERENCE_FILES = TRAIN_IMAGES
+
+#: Phantom ground truth in T2w space, relative to the phantom's derivatives/truth.
+TRUTH_FILES = {
+    "T1": "{stem}_space-T2w_T1map.nii.gz",
+    "T2star": "{stem}_space-T2w_T2starmap.nii.gz",
+    "WM": "{stem}_space-T2w_label-WM_probseg.nii.gz",
+    "GM": "{stem}_space-T2w_label-GM_probseg.nii.gz",
+    "lesion": "{stem}_space-T2w_label-lesion_mask.nii.gz",
+}
+
+#: Conventional-chain rules whose Snakemake benchmark files give the per-subject timings.
+CHAIN_STEPS = ("check_inputs", "mrf_mask", "denoise", "match", "register_mrf", "register_flair", "tissue")
+
+
+def net_label(name: str) -> str:
+    """BIDS-safe ``desc`` label of a network name (alphanumerics only)."""
+    label = re.sub(r"[^A-Za-z0-9]", "", name)
+    if not label:
+        raise ValueError(f"network name {name!r} has no letters or digits")
+    return label
+
+
+def output_files(out_dir: str, stem: str, network: str, outputs: Sequence[str]) -> dict[str, str]:
+    label = net_label(network)
+    return {o: f"{out_dir}/" + OUTPUT_FILES[o].format(stem=stem, label=label) for o in outputs}
+
+
+def check_labels(networks: Sequence[str]) -> None:
+    labels = [net_label(n) for n in networks]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"mrflesion: network names map to the same file label(s) {dup}; rename them")
+
+
+# ---------------------------------------------------------------------------------------- inference
+
+
+def _sidecar_path(nifti: str | Path) -> Path:
+    s = str(nifti)
+    return Path(s[: -len(".nii.gz")] + ".json" if s.endswith(".nii.gz") else s + ".json")
+
+
+def infer(smk: Any) -> None:
+    """One subject through every trained network; NIfTI + sidecar per output (T2w grid)."""
+    import nibabel as nib
+
+    from .io import save_nifti
+    from .learn import checkpoint
+    from .learn.infer import infer_subject
+    from .learn_steps import needed_images
+
+    cfg = smk.params.cfg
+    ref = nib.load(smk.input.mask)
+    for net in smk.params.networks:
+        label = net_label(net)
+        model = smk.input[f"model_{label}"]
+        subject = {"subject": smk.params.key, "mask": smk.input.mask}
+        ck = checkpoint.load(model)
+        for k in needed_images(ck["spec"]):
+            if k in ("mrf", "T1", "T2star"):
+                subject[k] = smk.input[k]
+        outs, rec = infer_subject(ck, subject, mode=str(cfg["mode"]), window=int(cfg["window"]),
+                                  overlap=float(cfg["overlap"]), device=str(cfg["device"]),
+                                  threads=int(smk.threads))
+        for name, vol in outs.items():
+            path = smk.output[f"{label}_{name}"]
+            img = nib.Nifti1Image(vol.astype(np.float32), ref.affine)
+            img.header.set_xyzt_units("mm")
+            save_nifti(img, path)
+            write_json(_sidecar_path(path), {
+                "Description": f"U-net {rec['network']}: {name}",
+                "Units": UNITS[name],
+                "Space": "T2w",
+                "Sources": [str(model)] + [str(v) for k, v in subject.items() if k != "subject"],
+                "Inference": {k: v for k, v in rec.items() if k != "affine"},
+            })
+        print(f"{smk.params.key} {rec['network']}: {rec['predict_seconds']:.2f} s prediction ({rec['device']}, "
+              f"{rec['mode']}), {rec['load_seconds']:.2f} s loading")
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def _load(path: str | Path) -> tuple[np.ndarray, Any]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, dtype=np.float32), img
+
+
+def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: Sequence[float],
+                   threshold: float) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+    """Every lesion metric of DESIGN.md section 5 for one probability map: metrics, the threshold
+    sweep (threshold, dice, ldr) and the per-lesion table (rule A)."""
+    from .evaluate import (
+        binarise,
+        detection_rate,
+        dice,
+        lesion_table,
+        lesionwise_metrics,
+        msseg_detection,
+        overlap_metrics,
+        threshold_sweep,
+        voxel_volume_ml,
+    )
+
+    ref_bin = ref >= 0.5
+    pred_bin = binarise(prob, threshold)
+    vml = voxel_volume_ml(zooms)
+    m: dict[str, float] = {
+        "lesion_dice": dice(pred_bin, ref_bin) if ref_bin.any() else math.nan,
+        "lesion_ldr": detection_rate(pred_bin, ref_bin),
+        "lesion_ref_ml": float(ref_bin.sum() * vml),
+        "lesion_pred_ml": float(pred_bin.sum() * vml),
+    }
+    ov = overlap_metrics(pred_bin, ref_bin, mask=brain)
+    for k in ("iou", "precision", "recall", "accuracy"):
+        m[f"lesion_{k}"] = float(ov[k])
+    lw = lesionwise_metrics(pred_bin, ref_bin, vml)
+    for k in ("sensitivity", "fp", "fpr", "dice", "n_ref", "n_pred"):
+        m[f"lw_{k}"] = float(lw[k])
+    ms = msseg_detection(pred_bin, ref_bin, vml * 1000.0)
+    for k in ("sensitivity", "ppv", "f1", "fp"):
+        m[f"msseg_{k}"] = float(ms[k])
+    curves = threshold_sweep(prob, ref_bin)
+    lesions = lesion_table(pred_bin, ref_bin, vml)
+    return m, curves, lesions
+
+
+def map_metrics(name: str, pred: np.ndarray, ref: np.ndarray, brain: np.ndarray,
+                t2s_max_ms: float = 300.0, tissue_threshold: float = 0.8) -> dict[str, float]:
+    from .evaluate import mean_relative_deviation, tissue_dice
+
+    if name == "T1":
+        return {"T1_mrd": mean_relative_deviation(pred, ref, brain)}
+    if name == "T2star":
+        return {"T2star_mrd": mean_relative_deviation(pred, np.minimum(ref, t2s_max_ms), brain)}
+    return {f"{name}_dice": tissue_dice(pred * brain, ref * brain, tissue_threshold)}
+
+
+def subject_metrics(
+    outputs: Mapping[str, Mapping[str, np.ndarray]],
+    references: Mapping[str, Mapping[str, np.ndarray]],
+    brain: np.ndarray,
+    zooms: Sequence[float],
+    threshold: float,
+    tissue_threshold: float = 0.8,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Long tables for one subject: metrics (network, reference, metric, value), curves (network,
+    reference, threshold, dice, ldr) and lesions (network, reference, lesion table columns)."""
+    rows, curves, lesions = [], [], []
+    for net, maps in outputs.items():
+        for refname, refmaps in references.items():
+            for name, pred in maps.items():
+                if name not in refmaps:
+                    continue
+                if name == "lesion":
+                    m, c, les = lesion_metrics(pred, refmaps[name], brain, zooms, threshold)
+                    curves.append(c.assign(network=net, reference=refname))
+                    les = les.rename(columns={"group": "volume_group"})
+                    lesions.append(les.assign(network=net, reference=refname))
+                else:
+                    m = map_metrics(name, pred, refmaps[name], brain, tissue_threshold=tissue_threshold)
+                rows += [{"network": net, "reference": refname, "metric": k, "value": float(v)} for k, v in m.items()]
+    metrics = pd.DataFrame(rows, columns=["network", "reference", "metric", "value"])
+    cur = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
+        columns=["threshold", "dice", "ldr", "network", "reference"])
+    les = pd.concat(lesions, ignore_index=True) if lesions else pd.DataFrame(columns=["network", "reference"])
+    return metrics, cur, les
+
+
+def _benchmark_seconds(path: str | Path) -> float:
+    try:
+        return float(pd.read_csv(path, sep="\t")["s"].iloc[0])
+    except (OSError, KeyError, IndexError, ValueError, pd.errors.EmptyDataError):
+        return math.nan
+
+
+def provenance(config: Mapping[str, Any]) -> dict[str, str]:
+    from .workflow import repo_root, version_info
+
+    info = {f"version {k}": v for k, v in version_info().items()}
+    text = json.dumps(config, sort_keys=True, default=str)
+    info["config sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo_root()), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    info["commit"] = commit or "unknown (not a git checkout)"
+    info["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return info
+
+
+def evaluate_subject(smk: Any) -> None:
+    """Metrics, curves, lesion tables and the HTML report of one subject (all networks)."""
+    from .evaluate.report import NetworkResult, SubjectReport, write_subject_report
+
+    p = smk.params
+    threshold = float(p.cfg["threshold"])
+    tissue_threshold = float(p.cfg["tissue_threshold"])
+    brain_f, brain_img = _load(smk.input.mask)
+    brain = brain_f > 0.5
+    zooms = brain_img.header.get_zooms()[:3]
+    refs: dict[str, dict[str, np.ndarray]] = {"pipeline": {k: _load(smk.input[f"ref_{k}"])[0]
+                                                           for k in ("T1", "T2star", "NAWM", "GM", "lesion")}}
+    if p.truth:
+        t = {k: _load(v)[0] for k, v in p.truth.items()}
+        refs["truth"] = {"T1": t["T1"], "T2star": t["T2star"], "GM": t["GM"], "lesion": t["lesion"],
+                         "NAWM": t["WM"] * (t["lesion"] < 0.5)}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    infer_s: dict[str, float] = {}
+    for net, files in p.networks.items():
+        outputs[net] = {o: _load(smk.input[f"{net_label(net)}_{o}"])[0] for o in files}
+        side = json.loads(_sidecar_path(next(iter(smk.input[f"{net_label(net)}_{o}"] for o in files))).read_text())
+        infer_s[net] = float(side["Inference"]["predict_seconds"]) + float(side["Inference"]["load_seconds"])
+    metrics, curves, lesions = subject_metrics(outputs, refs, brain, zooms, threshold, tissue_threshold)
+    meta = {"subject": p.key, "site": p.site, "group": p.group, "split": p.split}
+    for df in (metrics, curves, lesions):
+        for i, (name, value) in enumerate(meta.items()):
+            df.insert(i, name, value)
+    write_text(smk.output.metrics, metrics.to_csv(sep="\t", index=False, na_rep="n/a"))
+    write_json(smk.output.json, {
+        **meta, "threshold": threshold, "tissue_threshold": tissue_threshold,
+        "metrics": {net: {ref: {r.metric: (None if not math.isfinite(r.value) else r.value)
+                                for r in g2.itertuples()} for ref, g2 in g.groupby("reference")}
+                    for net, g in metrics.groupby("network")},
+        "inference_seconds": infer_s,
+        "conventional_seconds": {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()},
+    })
+    write_text(smk.output.curves, curves.to_csv(sep="\t", index=False, na_rep="n/a"))
+    write_text(smk.output.lesions, lesions.to_csv(sep="\t", index=False, na_rep="n/a"))
+
+    # ----- report
+    chain = {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()}
+    timings = {f"conventional: {k}": v for k, v in chain.items()}
+    timings["conventional: total"] = float(np.nansum(list(chain.values())))
+    timings.update({f"inference: {k}": v for k, v in infer_s.items()})
+    qc = {}
+    mrf_raw, _ = _load(smk.input.raw_mrf)
+    qc["MRF (measurement 1)"] = mrf_raw[..., 0]
+    qc["T2w"] = _load(smk.input.raw_t2w)[0]
+    qc["FLAIR"] = _load(smk.input.raw_flair)[0]
+    underlay = _load(smk.input.mrf_t2w)[0].mean(axis=-1)
+    results = []
+    for net, maps in outputs.items():
+        m = metrics[(metrics.network == net) & (metrics.reference == "pipeline")]
+        c = curves[(curves.network == net) & (curves.reference == "pipeline")] if len(curves) else curves
+        les = lesions[(lesions.network == net) & (lesions.reference == "pipeline")] if len(lesions) else lesions
+        hist = pd.read_csv(smk.input[f"{net_label(net)}_history"], sep="\t")
+        results.append(NetworkResult(
+            name=net, outputs=maps, references={k: refs["pipeline"][k] for k in maps},
+            curves=c.rename(columns={"ldr": "detection_rate"})[["threshold", "dice", "detection_rate"]]
+            if len(c) else pd.DataFrame(columns=["threshold", "dice", "detection_rate"]),
+            lesions=_lesion_rows(les), history=hist,
+            metrics=dict(zip(m.metric, m.value, strict=True)), threshold=threshold, inference_s=infer_s[net],
+        ))
+    truth = None
+    if "truth" in refs:
+        tm = metrics[metrics.reference == "truth"]
+        truth = tm.pivot_table(index="metric", columns="network", values="value", aggfunc="first").reset_index()
+    report = SubjectReport(
+        subject=p.key, session=p.session, site=p.site, group=f"{p.group} ({p.split} subject)", qc=qc,
+        underlay=underlay, manual=refs["pipeline"]["lesion"], networks=results, timings=timings,
+        provenance=provenance(p.config), truth_metrics=truth,
+    )
+    write_subject_report(report, smk.output.report)
+
+
+def _lesion_rows(les: pd.DataFrame) -> pd.DataFrame:
+    cols = ["lesion", "volume_ml", "detected", "dice"]
+    if not len(les) or "lesion_id" not in les.columns:
+        return pd.DataFrame(columns=cols)
+    return les.rename(columns={"lesion_id": "lesion"})[cols].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------- group
+
+
+def group_tables(metrics: pd.DataFrame, splits: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Per-site summary, Kruskal-Wallis across sites and Mann-Whitney between networks over the
+    subjects of ``splits``; ``metric`` is prefixed with the reference (``pipeline:``/``truth:``)."""
+    from .evaluate import network_tests, site_summary, site_tests
+
+    sel = metrics[metrics["split"].isin(list(splits))].copy()
+    sel["metric"] = sel["reference"] + ":" + sel["metric"]
+    return {
+        "summary": site_summary(sel),
+        "site_tests": site_tests(sel),
+        "network_tests": network_tests(sel),
+    }
+
+
+def group_evaluation(smk: Any) -> None:
+    from .evaluate.report import write_group_report
+
+    p = smk.params
+    metrics = pd.concat([pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=True)
+                         for f in smk.input.metrics], ignore_index=True)
+    curves = pd.concat([pd.read_csv(f, sep="\t", na_values=["n/a"]) for f in smk.input.curves], ignore_index=True)
+    tables = group_tables(metrics, p.splits)
+    inputs = pd.read_csv(smk.input.inputs, sep="\t", dtype=str, keep_default_na=False)
+    failed = inputs[inputs["status"] != "ok"][["subject", "status", "reason"]].reset_index(drop=True)
+    times = []
+    for f in smk.input.json:
+        d = json.loads(Path(f).read_text())
+        conv = float(np.nansum([v for v in d["conventional_seconds"].values() if v is not None]))
+        for net, s in d["inference_seconds"].items():
+            times.append({"subject": d["subject"], "site": d["site"], "network": net,
+                          "conventional_s": round(conv, 2), "inference_s": round(float(s), 3),
+                          "speedup": round(conv / float(s), 1) if float(s) > 0 else math.nan})
+    times_df = pd.DataFrame(times, columns=["subject", "site", "network", "conventional_s", "inference_s",
+                                            "speedup"])
+    out = smk.output
+    write_text(out.metrics, metrics.to_csv(sep="\t", index=False, na_rep="n/a"))
+    write_text(out.summary, tables["summary"].to_csv(sep="\t", index=False, na_rep="n/a"))
+    write_text(out.site_tests, tables["site_tests"].to_csv(sep="\t", index=False, na_rep="n/a"))
+    write_text(out.network_tests, tables["network_tests"].to_csv(sep="\t", index=False, na_rep="n/a"))
+    write_text(out.failed, failed.to_csv(sep="\t", index=False))
+    write_text(out.times, times_df.to_csv(sep="\t", index=False, na_rep="n/a"))
+    main_metrics = {"pipeline:lesion_dice", "pipeline:lesion_ldr", "pipeline:T1_mrd", "pipeline:T2star_mrd",
+                    "pipeline:NAWM_dice", "pipeline:GM_dice", "truth:lesion_dice", "truth:T1_mrd"}
+    summary = tables["summary"]
+    short = summary[summary.metric.isin(main_metrics)][["site", "network", "metric", "n", "mean_sd", "median_range"]]
+    cur = curves[(curves["reference"] == "pipeline") & curves["split"].isin(list(p.splits))]
+    cohort = cur[["site", "network", "subject", "threshold", "dice"]].reset_index(drop=True)
+    write_group_report(
+        {
+            f"Per-site summary ({', '.join(p.splits)} subjects; main metrics, all in summary_sites.tsv)": short,
+            "Kruskal–Wallis across sites": tables["site_tests"],
+            "Mann–Whitney between networks (Bonferroni)": tables["network_tests"],
+            "Failed or skipped subjects": failed,
+            "Conventional chain vs network inference (seconds per subject)": times_df,
+        },
+        cohort, provenance(p.config), out.report,
+    )
+
+
+# ---------------------------------------------------------------------------------------- parse time
+
+
+class EvaluationPlan:
+    """Parse-time view of inference and evaluation for rules/evaluate.smk."""
+
+    def __init__(self, plan: Any, training: Any, config: Mapping[str, Any], out_dir: str, work_dir: str) -> None:
+        self.plan = plan
+        self.training = training
+        self.out = out_dir
+        self.work = work_dir
+        self.cfg = config["evaluation"]
+        self.networks: dict[str, list[str]] = {n: list(s["outputs"]) for n, s in training.networks.items()}
+        check_labels(list(self.networks))
+        self.truth_dir = f"{plan.bids_dir}/derivatives/truth" if plan.phantom else None
+
+    def truth_files(self, stem: str) -> dict[str, str]:
+        if not self.truth_dir:
+            return {}
+        return {k: f"{self.truth_dir}/" + v.format(stem=stem) for k, v in TRUTH_FILES.items()}
+
+    def all_truth_files(self) -> list[str]:
+        return [f for st in self.plan.stems() for f in self.truth_files(st).values()]
+
+    def infer_inputs(self, stem: str) -> dict[str, str]:
+        """Named inputs of a subject's inference job: ``model_<label>`` per network and the images
+        (``mrf``, ``T1``, ``T2star``) the networks read, plus the T2w-space brain ``mask``."""
+        from .learn_steps import needed_images
+
+        d = {f"model_{net_label(n)}": f"{self.out}/models/{n}/best.pt" for n in self.networks}
+        kinds = {k for n in self.networks for k in needed_images(self.training.networks[n])
+                 if k in ("mrf", "T1", "T2star")}
+        for k in ("mrf", "T1", "T2star", "mask"):
+            if k in kinds or k == "mask":
+                d[k] = f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem)
+        return d
+
+    def infer_outputs(self, stem: str) -> dict[str, str]:
+        """Every network's output files of one subject, named ``<label>_<output>``."""
+        return {f"{net_label(n)}_{o}": f for n in self.networks for o, f in self.outputs(n, stem).items()}
+
+    def outputs(self, network: str, stem: str) -> dict[str, str]:
+        return output_files(self.out, stem, network, self.networks[network])
+
+    def benchmark(self, step: str, stem: str) -> str:
+        return f"{self.work}/benchmarks/{step}/{stem}.tsv"
+
+    def evaluate_inputs(self, stem: str) -> dict[str, str]:
+        s = self.plan.subjects[stem]
+        d = {f"ref_{k}": f"{self.out}/" + v.format(stem=stem) for k, v in REFERENCE_FILES.items()
+             if k not in ("mask", "mrf")}
+        d["mask"] = f"{self.out}/" + REFERENCE_FILES["mask"].format(stem=stem)
+        d["mrf_t2w"] = f"{self.out}/" + REFERENCE_FILES["mrf"].format(stem=stem)
+        d.update(raw_mrf=s.files["mrf"], raw_t2w=s.files["t2w"], raw_flair=s.files["flair"])
+        for net in self.networks:
+            for o, f in self.outputs(net, stem).items():
+                d[f"{net_label(net)}_{o}"] = f
+            d[f"{net_label(net)}_history"] = f"{self.out}/models/{net}/history.tsv"
+        for k, f in self.truth_files(stem).items():
+            d[f"truth_{k}"] = f
+        return d
+
+    def evaluate_params(self, stem: str) -> dict[str, Any]:
+        s = self.plan.subjects[stem]
+        return {
+            "key": s.key, "session": s.session, "site": s.site, "group": s.group or "n/a",
+            "split": self.training.split_of.get(f"sub-{s.subject}", "n/a"),
+            "networks": self.networks, "truth": self.truth_files(stem),
+            "benchmarks": {step: self.benchmark(step, stem) for step in CHAIN_STEPS},
+        }
+
+    def subject_outputs(self, stem: str) -> dict[str, str]:
+        base = f"{self.out}/{stem}"
+        return {
+            "metrics": f"{base}_desc-evaluation_metrics.tsv",
+            "json": f"{base}_desc-evaluation_metrics.json",
+            "curves": f"{base}_desc-evaluation_curves.tsv",
+            "lesions": f"{base}_desc-evaluation_lesions.tsv",
+            "report": f"{base}_report.html",
+        }
