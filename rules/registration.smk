@@ -35,7 +35,8 @@ rule register_mrf:
         mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
     params:
         cfg=config["registration"],
-    threads: 2
+    # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
+    threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
     benchmark:
@@ -57,7 +58,8 @@ rule register_flair:
     output:
         xfm=f"{OUT}/{{stem}}_from-FLAIR_to-T2w_mode-image_xfm.mat",
         lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
-    threads: 2
+    # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
+    threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
     benchmark:

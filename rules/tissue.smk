@@ -14,7 +14,8 @@ rule tissue:
         NAWM=f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz",
     params:
         cfg=config["tissue"],
-    threads: 2
+    # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
+    threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
     benchmark:

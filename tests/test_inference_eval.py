@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,3 +118,77 @@ def test_group_tables_use_the_summary_splits_only() -> None:
     assert math.isclose(row["mean"], 0.5 + 0.015)
     assert set(t["site_tests"]["network"]) == {"A", "B"}
     assert len(t["network_tests"]) == 1
+
+
+def _write_subject(d, sub: str, site: str, split: str, dice: float) -> dict:
+    import json
+
+    rows = pd.DataFrame({"subject": sub, "site": site, "group": "patient", "split": split, "network": ["A", "B"],
+                         "reference": "pipeline", "metric": "lesion_dice", "value": [dice, dice / 2]})
+    curves = pd.DataFrame({"subject": sub, "site": site, "group": "patient", "split": split, "threshold": [0.1, 0.5],
+                           "dice": [dice, dice / 3], "ldr": [1.0, 0.5], "network": "A", "reference": "pipeline"})
+    f = {"metrics": d / f"{sub}_m.tsv", "curves": d / f"{sub}_c.tsv", "json": d / f"{sub}.json"}
+    rows.to_csv(f["metrics"], sep="\t", index=False)
+    curves.to_csv(f["curves"], sep="\t", index=False)
+    f["json"].write_text(json.dumps({"subject": sub, "site": site, "inference_seconds": {"A": 0.5, "B": 0.25},
+                                     "conventional_seconds": {"match": 10.0, "tissue": None}}))
+    return f
+
+
+@pytest.mark.parametrize("splits", [["test"], ["val"]])
+def test_group_evaluation_writes_every_table(tmp_path, splits) -> None:
+    from types import SimpleNamespace
+
+    files = [_write_subject(tmp_path, f"sub-0{i}", f"site{1 + i % 2}", "test", 0.2 * i) for i in range(1, 5)]
+    (tmp_path / "inputs.tsv").write_text("subject\tsite\tgroup\tstatus\treason\nsub-01\tsite1\tpatient\tok\tn/a\n"
+                                         "sub-09\tn/a\tn/a\tskipped\tmissing t2w input: /x/sub-09_T2w.nii.gz\n")
+    names = ["metrics", "summary", "site_tests", "network_tests", "failed", "times", "report"]
+    out = {k: str(tmp_path / "group" / f"{k}.{'html' if k == 'report' else 'tsv'}") for k in names}
+    (tmp_path / "group").mkdir()
+    smk = SimpleNamespace(
+        input=SimpleNamespace(inputs=str(tmp_path / "inputs.tsv"), metrics=[str(f["metrics"]) for f in files],
+                              curves=[str(f["curves"]) for f in files], json=[str(f["json"]) for f in files]),
+        output=SimpleNamespace(**out), params=SimpleNamespace(splits=splits, config={"a": 1}))
+    ev.group_evaluation(smk)
+    failed = pd.read_csv(out["failed"], sep="\t")
+    assert list(failed.subject) == ["sub-09"] and "missing t2w" in failed.reason[0]
+    times = pd.read_csv(out["times"], sep="\t")
+    assert len(times) == 8 and (times.conventional_s == 10.0).all() and set(times.speedup) == {20.0, 40.0}
+    summary = pd.read_csv(out["summary"], sep="\t")
+    html = Path(out["report"]).read_text()
+    if splits == ["test"]:
+        row = summary[(summary.site == "all") & (summary.network == "A")].iloc[0]
+        assert row["n"] == 4 and row["mean"] == pytest.approx(0.5)
+        assert "Kruskal" in html and "sub-09" in html
+    else:  # no validation subjects: empty tables, still a report
+        assert len(summary) == 0 and "no val subjects" in html
+
+
+def test_infer_subject_cache_gives_the_same_outputs(tmp_path) -> None:
+    import nibabel as nib
+
+    from mrflesion.learn import checkpoint
+    from mrflesion.learn.data import Normalisation
+    from mrflesion.learn.infer import infer_subject
+
+    rng = np.random.default_rng(0)
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    nib.Nifti1Image(rng.random((16, 16, 3, 3), dtype=np.float32), aff).to_filename(tmp_path / "mrf.nii.gz")
+    mask = np.zeros((16, 16, 3), np.float32)
+    mask[2:14, 2:14] = 1
+    nib.Nifti1Image(mask, aff).to_filename(tmp_path / "mask.nii.gz")
+    spec = NetworkSpec("t", "mse", "mrf", ("T1", "lesion"))
+    model = spec.build(3, (4, 8), 8, 0.0)
+    ck = {"spec": spec.to_dict(), "model": model.state_dict(), "normalisation": Normalisation().to_dict(),
+          "model_config": {"in_channels": 3, "widths": [4, 8], "bridge": 8, "dropout": 0.0}}
+    checkpoint.atomic_save(ck, tmp_path / "best.pt")
+    subject = {"subject": "sub-01", "mrf": str(tmp_path / "mrf.nii.gz"), "mask": str(tmp_path / "mask.nii.gz")}
+    cache: dict = {}
+    a, rec = infer_subject(tmp_path / "best.pt", subject, device="cpu", cache=cache)
+    b, _ = infer_subject(tmp_path / "best.pt", subject, device="cpu", cache=cache)
+    c, _ = infer_subject(tmp_path / "best.pt", subject, mode="sliding", window=8, overlap=0.5, device="cpu")
+    assert len(cache) == 1 and rec["mode"] == "whole"
+    for k in ("T1", "lesion"):
+        assert a[k].shape == (16, 16, 3) and np.array_equal(a[k], b[k]) and c[k].shape == a[k].shape
+        assert (a[k][mask == 0] == 0).all() and (a[k] >= 0).all()
+    assert a["lesion"].max() <= 1

@@ -241,15 +241,6 @@ def test_sampler_deterministic_and_lesion_weighting(subjects):
     assert ds.has_lesion.sum() == 4  # slices 1-2 of each subject
     _, x, y = next(iter(s1.batches()))
     assert x.shape == (8, 35, 40, 40) and y.shape == (8, 5, 40, 40)
-    # smaller patches: the 4 extra patches per patch_slice of a lesion slice all contain lesion
-    small = SliceDataset(data, patch_size=16)
-    plan = PatchSampler(small, batch_size=8, patches_per_slice=4, seed=2).plan(0)
-    hits = np.array([bool(small.lesion_pixels[i].size) and bool(
-        ((small.lesion_pixels[i] >= [y0, x0]) & (small.lesion_pixels[i] < [y0 + 16, x0 + 16])).all(1).any())
-        for i, y0, x0 in plan])
-    on_lesion_slices = small.has_lesion[plan[:, 0]]
-    assert hits[on_lesion_slices].mean() >= 0.8, hits[on_lesion_slices].mean()
-    assert (plan[:, 1:] >= 0).all() and (plan[:, 1:] <= 32 - 16).all()
 
 
 def test_split_subjects():

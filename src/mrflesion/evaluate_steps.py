@@ -100,6 +100,7 @@ def infer(smk: Any) -> None:
 
     cfg = smk.params.cfg
     ref = nib.load(smk.input.mask)
+    cache: dict[Any, Any] = {}  # images loaded once for the networks that share them
     for net in smk.params.networks:
         label = net_label(net)
         model = smk.input[f"model_{label}"]
@@ -110,7 +111,7 @@ def infer(smk: Any) -> None:
                 subject[k] = smk.input[k]
         outs, rec = infer_subject(ck, subject, mode=str(cfg["mode"]), window=int(cfg["window"]),
                                   overlap=float(cfg["overlap"]), device=str(cfg["device"]),
-                                  threads=int(smk.threads))
+                                  threads=int(smk.threads), cache=cache)
         for name, vol in outs.items():
             path = smk.output[f"{label}_{name}"]
             img = nib.Nifti1Image(vol.astype(np.float32), ref.affine)
@@ -370,12 +371,19 @@ def group_evaluation(smk: Any) -> None:
     main_metrics = {"pipeline:lesion_dice", "pipeline:lesion_ldr", "pipeline:T1_mrd", "pipeline:T2star_mrd",
                     "pipeline:NAWM_dice", "pipeline:GM_dice", "truth:lesion_dice", "truth:T1_mrd"}
     summary = tables["summary"]
-    short = summary[summary.metric.isin(main_metrics)][["site", "network", "metric", "n", "mean_sd", "median_range"]]
+    main = summary[summary.metric.isin(main_metrics)]
+    if len(main):
+        short = main.pivot_table(index=["site", "network"], columns="metric", values="mean_sd", aggfunc="first")
+        n = main.groupby(["site", "network"])["n"].max().rename("n")
+        short = pd.concat([n, short], axis=1).reset_index()
+    else:
+        short = pd.DataFrame({"note": [f"no {'/'.join(p.splits)} subjects with metrics"]})
     cur = curves[(curves["reference"] == "pipeline") & curves["split"].isin(list(p.splits))]
     cohort = cur[["site", "network", "subject", "threshold", "dice"]].reset_index(drop=True)
     write_group_report(
         {
-            f"Per-site summary ({', '.join(p.splits)} subjects; main metrics, all in summary_sites.tsv)": short,
+            f"Per-site summary, mean ± sd ({', '.join(p.splits)} subjects; every metric with median [range] "
+            "in summary_sites.tsv)": short,
             "Kruskal–Wallis across sites": tables["site_tests"],
             "Mann–Whitney between networks (Bonferroni)": tables["network_tests"],
             "Failed or skipped subjects": failed,

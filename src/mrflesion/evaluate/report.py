@@ -153,8 +153,9 @@ def _is_number(value: object) -> bool:
 
 
 def html_table(df: pd.DataFrame, caption: str | None = None) -> str:
-    """A DataFrame as a plain HTML table (escaped text; a non-default index becomes columns)."""
-    if not isinstance(df.index, pd.RangeIndex):
+    """A DataFrame as a plain HTML table (escaped text; a named index becomes columns, an unnamed
+    one, e.g. the row numbers left by filtering, is dropped)."""
+    if isinstance(df.index, pd.MultiIndex) or df.index.name is not None:
         df = df.reset_index()
     out = ["<table>"]
     if caption:

@@ -298,12 +298,6 @@ class SliceDataset:
         self.subject_index = np.array([m[0] for m in meta], dtype=np.int64)
         self.z = np.array([m[1] for m in meta], dtype=np.int64)
         self.has_lesion = np.array([m[2] for m in meta], dtype=bool)
-        # lesion pixels (y, x) of each slice, for the lesion-centred patches of the sampler
-        self.lesion_pixels = [
-            np.argwhere(subjects[si].lesion[z]) if has and subjects[si].lesion is not None
-            else np.zeros((0, 2), dtype=np.int64)
-            for si, z, has, _, _ in meta
-        ]
         self.extent = np.array([[max(m[3], self.patch_size), max(m[4], self.patch_size)] for m in meta])
         self.device = torch.device(device)
         self.stack = torch.from_numpy(stack).to(self.device, storage_dtype)
@@ -361,20 +355,6 @@ class PatchSampler:
         ext = self.dataset.extent[sl] - self.dataset.patch_size + 1
         y0 = np.floor(rng.random(sl.size) * ext[:, 0]).astype(np.int64)
         x0 = np.floor(rng.random(sl.size) * ext[:, 1]).astype(np.int64)
-        # the extra patches of a lesion slice ((lesion_factor - 1) x patches_per_slice) each contain a
-        # lesion pixel drawn at random, at a random position in the patch: random patches of a whole
-        # slice would mostly miss lesions of a few voxels
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank = np.arange(sl.size) - starts[sl]
-        centred = np.flatnonzero(self.dataset.has_lesion[sl] & (rank >= self.patches_per_slice))
-        if centred.size:
-            p = self.dataset.patch_size
-            u = rng.random((centred.size, 3))
-            for k, i in enumerate(centred):
-                pix = self.dataset.lesion_pixels[sl[i]]
-                py, px = pix[int(u[k, 0] * len(pix))]
-                y0[i] = min(max(py - int(u[k, 1] * p), 0), ext[i, 0] - 1)
-                x0[i] = min(max(px - int(u[k, 2] * p), 0), ext[i, 1] - 1)
         order = rng.permutation(sl.size)
         plan = np.stack([sl, y0, x0], axis=1)[order]
         self._plan = (int(epoch), plan)

@@ -83,9 +83,13 @@ def infer_subject(
     overlap: float = 0.5,
     device: str | torch.device = "auto",
     threads: int | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Outputs ``{name: (X, Y, Z) float32}`` in physical units on the subject's grid (zero outside
-    the brain mask), and a record: network, mode, device, seconds (model load, prediction)."""
+    the brain mask), and a record: network, mode, device, seconds (model load, prediction).
+
+    ``cache``: a dict shared by calls on the same subject, so that networks with the same inputs and
+    normalisation load and normalise the images once."""
     if mode not in INFERENCE_MODES:
         raise ValueError(f"inference mode must be one of {INFERENCE_MODES}, got {mode!r}")
     if threads:
@@ -93,7 +97,13 @@ def infer_subject(
     dev = resolve_device(device)
     t0 = time.perf_counter()
     model, spec, norm = load_model(model_ckpt, dev)
-    subj = load_subject(subject, spec, norm, with_targets=False)
+    key = (spec.inputs, tuple(sorted(norm.to_dict().items())))
+    if cache is not None and key in cache:
+        subj = cache[key]
+    else:
+        subj = load_subject(subject, spec, norm, with_targets=False)
+        if cache is not None:
+            cache[key] = subj
     t1 = time.perf_counter()
     if mode == "whole":
         pred = predict_slices(model, subj.inputs, dev)
