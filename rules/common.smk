@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from mrflesion.workflow import STEM_REGEX, make_plan
+from mrflesion.workflow import STEM_REGEX, failure_record_path, make_plan
 
 PLAN = make_plan(config)
 OUT = config["output_dir"].rstrip("/")

@@ -9,6 +9,7 @@ rule check_inputs:
     params:
         key=lambda wc: PLAN.subjects[wc.stem].key,
         n_measurements=config["mrf_measurements"],
+        record=lambda wc: failure_record_path(WORK, wc.stem),
     benchmark:
         f"{WORK}/benchmarks/check_inputs/{{stem}}.tsv",
     log:

@@ -1,5 +1,6 @@
 """Nothing lost: a workflow killed with SIGKILL completes on rerun with the outputs of a clean run, and
-after a failed subject's input is fixed the rerun runs only that subject's jobs and the group steps.
+a failed subject is listed with its reason in the group table on the next run, and after its input is
+fixed the rerun runs only that subject's jobs and the group steps.
 
 A two-subject phantom and the conventional chain (``networks: []``) keep this to a few minutes; the
 training job's own preemption (SIGTERM/SIGUSR1 -> checkpoint, exit 75, resume bit-identical) is
@@ -164,6 +165,15 @@ def test_failed_subject_rerun_runs_only_its_jobs(phantom: Path, tmp_path: Path) 
     assert f"mrflesion error: sub-02: MRF series file truncated or corrupt (EOFError): {mrf}" in first.stderr
     assert (run / "out" / "sub-01" / "anat" / "sub-01_space-T2w_label-NAWM_probseg.nii.gz").is_file()
     assert not (run / "out" / "sub-02").exists()  # nothing partial of the failed subject
+
+    # the same command again, input not fixed yet: the subject is skipped with its reason (no new
+    # attempt on an unchanged file) and the group steps run, listing it
+    again = _run(run, overlay)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reason = "MRF series file truncated or corrupt (EOFError) (input check of an earlier run)"
+    assert f"mrflesion: skipping sub-02: {reason}: {mrf}" in again.stderr
+    table = (run / "out" / "group" / "inputs.tsv").read_text()
+    assert f"sub-02\tn/a\tn/a\tskipped\t{reason}: {mrf}" in table, table
 
     mrf.write_bytes(good)  # the fix
     before = tree_digest(bids)

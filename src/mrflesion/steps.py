@@ -75,10 +75,19 @@ def phantom(smk: Any) -> None:
 def check_inputs(smk: Any) -> None:
     files = {k: smk.input[k] for k in ("mrf", "t2w", "flair", "lesion")}
     t0 = time.perf_counter()
+    from .workflow import input_fingerprint
+
+    record = smk.params.record
     try:
         summary = check_subject(smk.params.key, files, smk.input.sidecar, int(smk.params.n_measurements))
     except InputError as exc:
+        # read when the workflow is planned again: an unchanged bad input is skipped with its reason
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        write_json(record, {"subject": smk.params.key, "reason": exc.reason, "file": exc.path,
+                            "fingerprint": input_fingerprint({**files, "sidecar": smk.input.sidecar})})
         _fail(str(exc))
+    if os.path.exists(record):
+        os.remove(record)
     summary["inputs"] = {k: str(v) for k, v in files.items()}
     summary["check_seconds"] = round(time.perf_counter() - t0, 3)
     write_json(smk.output[0], summary)

@@ -93,9 +93,52 @@ def make_plan(config: Mapping[str, Any]) -> Plan:
         plan.subjects[stem] = s
         plan.timing[stem] = key
         plan.protocols.setdefault(key, protocol.to_sidecar())
+    _skip_failed_checks(plan, os.fspath(config.get("work_dir", "results/work")))
     for p in plan.problems:
         print(f"mrflesion: skipping {p}", file=sys.stderr)
     return plan
+
+
+# ---------------------------------------------------------------------------------------- failed checks
+
+
+def failure_record_path(work_dir: str, stem: str) -> str:
+    """Where a failed input check of ``stem`` leaves its record (next to the rule's log)."""
+    return f"{work_dir.rstrip('/')}/logs/check_inputs/{stem}.failed.json"
+
+
+def input_fingerprint(files: Mapping[str, str]) -> dict[str, list[int]]:
+    """Size and modification time of each input file (missing: [-1, -1])."""
+    out = {}
+    for k, f in sorted(files.items()):
+        try:
+            st = os.stat(f)
+            out[k] = [int(st.st_size), int(st.st_mtime_ns)]
+        except OSError:
+            out[k] = [-1, -1]
+    return out
+
+
+def _skip_failed_checks(plan: Plan, work_dir: str) -> None:
+    """Subjects whose input check failed in an earlier run, on inputs that have not changed since,
+    become problems (skipped, listed in the group tables with the reason); a changed input is
+    checked again."""
+    for stem in list(plan.subjects):
+        path = failure_record_path(work_dir, stem)
+        if not os.path.exists(path):
+            continue
+        s = plan.subjects[stem]
+        try:
+            with open(path) as fh:
+                rec = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if rec.get("fingerprint") != input_fingerprint({**s.files, "sidecar": s.sidecar}):
+            continue
+        plan.problems.append(InputProblem(s.subject, s.session, rec["file"],
+                                          f"{rec['reason']} (input check of an earlier run)"))
+        del plan.subjects[stem]
+        plan.timing.pop(stem, None)
 
 
 def _grid_key(config: Mapping[str, Any]) -> str:
