@@ -58,7 +58,26 @@ rule train_network:
         "../scripts/train.py"
 
 
+localrules:
+    model_record,
+
+
+rule model_record:
+    input:
+        best=f"{OUT}/models/{{network}}/best.pt",
+        history=f"{OUT}/models/{{network}}/history.tsv",
+        sidecar=f"{OUT}/models/{{network}}/best.json",
+    output:
+        f"{OUT}/models/{{network}}/model.json",
+    log:
+        f"{WORK}/logs/train/{{network}}_record.log",
+    conda:
+        "../envs/learn.yaml"
+    script:
+        "../scripts/model_record.py"
+
+
 rule train:
     input:
         f"{OUT}/group/splits.tsv",
-        expand(f"{OUT}/models/{{network}}/best.pt", network=list(TRAINING.networks)),
+        expand(f"{OUT}/models/{{network}}/model.json", network=list(TRAINING.networks)),

@@ -103,7 +103,7 @@ def infer(smk: Any) -> None:
     cache: dict[Any, Any] = {}  # images loaded once for the networks that share them
     for net in smk.params.networks:
         label = net_label(net)
-        model = smk.input[f"model_{label}"]
+        model = str(Path(smk.input[f"model_{label}"]).with_name("best.pt"))  # next to its record
         subject = {"subject": smk.params.key, "mask": smk.input.mask}
         ck = checkpoint.load(model)
         for k in needed_images(ck["spec"]):
@@ -297,7 +297,7 @@ def evaluate_subject(smk: Any) -> None:
         m = metrics[(metrics.network == net) & (metrics.reference == "pipeline")]
         c = curves[(curves.network == net) & (curves.reference == "pipeline")] if len(curves) else curves
         les = lesions[(lesions.network == net) & (lesions.reference == "pipeline")] if len(lesions) else lesions
-        hist = pd.read_csv(smk.input[f"{net_label(net)}_history"], sep="\t")
+        hist = pd.read_csv(Path(smk.input[f"{net_label(net)}_model"]).with_name("history.tsv"), sep="\t")
         results.append(NetworkResult(
             name=net, outputs=maps, references={k: refs["pipeline"][k] for k in maps},
             curves=c.rename(columns={"ldr": "detection_rate"})[["threshold", "dice", "detection_rate"]]
@@ -418,11 +418,13 @@ class EvaluationPlan:
         return [f for st in self.plan.stems() for f in self.truth_files(st).values()]
 
     def infer_inputs(self, stem: str) -> dict[str, str]:
-        """Named inputs of a subject's inference job: ``model_<label>`` per network and the images
+        """Named inputs of a subject's inference job: ``model_<label>`` per network (the model record
+        ``models/<network>/model.json``, written after ``best.pt``; depending on it rather than on the
+        training job's outputs keeps planning linear in the cohort size) and the images
         (``mrf``, ``T1``, ``T2star``) the networks read, plus the T2w-space brain ``mask``."""
         from .learn_steps import needed_images
 
-        d = {f"model_{net_label(n)}": f"{self.out}/models/{n}/best.pt" for n in self.networks}
+        d = {f"model_{net_label(n)}": f"{self.out}/models/{n}/model.json" for n in self.networks}
         kinds = {k for n in self.networks for k in needed_images(self.training.networks[n])
                  if k in ("mrf", "T1", "T2star")}
         for k in ("mrf", "T1", "T2star", "mask"):
@@ -450,7 +452,7 @@ class EvaluationPlan:
         for net in self.networks:
             for o, f in self.outputs(net, stem).items():
                 d[f"{net_label(net)}_{o}"] = f
-            d[f"{net_label(net)}_history"] = f"{self.out}/models/{net}/history.tsv"
+            d[f"{net_label(net)}_model"] = f"{self.out}/models/{net}/model.json"
         for k, f in self.truth_files(stem).items():
             d[f"truth_{k}"] = f
         return d

@@ -357,3 +357,18 @@ def train_network(smk: Any) -> None:
         splits_sha256=splits_hash(Path(smk.input.splits).read_text()),
         progress=True,
     )
+
+
+def model_record(smk: Any) -> None:
+    """``models/<network>/model.json``: what inference and evaluation depend on (weights' sha256,
+    the training sidecar). A small record instead of the training job's outputs: Snakemake checks
+    each consumer against its producer's input list, and the training job lists every training
+    image, so thousands of inference jobs depending on it directly make planning quadratic."""
+    best = Path(smk.input.best)
+    digest = hashlib.sha256(best.read_bytes()).hexdigest()
+    side = json.loads(Path(smk.input.sidecar).read_text())
+    write_json(smk.output[0], {
+        "Network": side.get("Network"), "Weights": best.name, "WeightsSha256": digest,
+        "History": Path(smk.input.history).name, "EpochsCompleted": side.get("EpochsCompleted"),
+        "BestEpoch": side.get("BestEpoch"), "BestValidationMetrics": side.get("BestValidationMetrics"),
+    })
