@@ -15,11 +15,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from mrflesion.learn import PREEMPTED_EXIT_CODE, Preempted, predict_volume, split_subjects, train
 from mrflesion.learn.checkpoint import load as load_ckpt
 from mrflesion.learn.data import Normalisation, PatchSampler, SliceDataset, load_subject
 from mrflesion.learn.networks import NetworkSpec
-from mrflesion.learn.train import ResumeMismatch
+from mrflesion.learn.split import split_subjects
+from mrflesion.learn.train import PREEMPTED_EXIT_CODE, Preempted, ResumeMismatch, predict_volume, train
 from mrflesion.mrf.sequence import Protocol
 from mrflesion.mrf.signal import simulate
 

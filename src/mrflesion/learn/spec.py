@@ -1,0 +1,133 @@
+"""Network variants (the rows of Table 1): names, losses, inputs and outputs.
+
+Torch-free, so that the workflow (rules/train.smk, rules/evaluate.smk) can be planned without importing
+torch; :meth:`NetworkSpec.build` imports the U-net when a network is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .networks import UNet
+
+#: Names of the maps a network may read or predict. ``mrf`` stands for the whole MRF series.
+OUTPUT_NAMES = ("T1", "T2star", "NAWM", "GM", "lesion")
+MAP_INPUT_NAMES = ("T1", "T2star")
+PROBABILITY_OUTPUTS = ("NAWM", "GM", "lesion")
+LOSS_NAMES = ("mse", "mae", "lcl", "dice")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One network variant (a row of Table 1).
+
+    ``inputs`` is ``"mrf"`` (the raw MRF series, all measurements) or a tuple of map names from
+    :data:`MAP_INPUT_NAMES`; ``outputs`` a tuple from :data:`OUTPUT_NAMES`.
+    """
+
+    name: str
+    loss: str
+    inputs: str | tuple[str, ...] = "mrf"
+    outputs: tuple[str, ...] = OUTPUT_NAMES
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        loss = str(self.loss).lower()
+        object.__setattr__(self, "loss", loss)
+        if loss not in LOSS_NAMES:
+            raise ValueError(f"{self.name}: unknown loss {self.loss!r} (one of {LOSS_NAMES})")
+        inputs = self.inputs
+        if isinstance(inputs, str):
+            if inputs.lower() != "mrf":
+                inputs = (inputs,)
+            else:
+                inputs = "mrf"
+        if not isinstance(inputs, str):
+            inputs = tuple(str(i) for i in inputs)
+            bad = [i for i in inputs if i not in MAP_INPUT_NAMES]
+            if bad or not inputs:
+                raise ValueError(
+                    f"{self.name}: inputs must be 'mrf' or maps from {MAP_INPUT_NAMES}, got {bad}"
+                )
+        object.__setattr__(self, "inputs", inputs)
+        outputs = (self.outputs,) if isinstance(self.outputs, str) else tuple(str(o) for o in self.outputs)
+        bad = [o for o in outputs if o not in OUTPUT_NAMES]
+        if bad or not outputs or len(set(outputs)) != len(outputs):
+            raise ValueError(
+                f"{self.name}: outputs must be distinct names from {OUTPUT_NAMES}, got {outputs}"
+            )
+        if loss == "dice":
+            nonprob = [o for o in outputs if o not in PROBABILITY_OUTPUTS]
+            if nonprob:
+                raise ValueError(f"{self.name}: the Dice loss needs probability outputs, not {nonprob}")
+        object.__setattr__(self, "outputs", outputs)
+        object.__setattr__(self, "extra", dict(self.extra))
+
+    @property
+    def uses_mrf(self) -> bool:
+        return self.inputs == "mrf"
+
+    @property
+    def out_activation(self) -> str:
+        """Sigmoid on the outputs for the Dice loss, raw outputs otherwise."""
+        return "sigmoid" if self.loss == "dice" else "none"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NetworkSpec:
+        known = {"name", "loss", "inputs", "outputs"}
+        return cls(
+            name=str(d["name"]),
+            loss=str(d["loss"]),
+            inputs=d.get("inputs", "mrf"),
+            outputs=d.get("outputs", OUTPUT_NAMES),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "loss": self.loss,
+            "inputs": self.inputs if isinstance(self.inputs, str) else list(self.inputs),
+            "outputs": list(self.outputs),
+        }
+        d.update(self.extra)
+        return d
+
+    def build(
+        self, in_channels: int, widths: Sequence[int] = (32, 64, 128), bridge: int = 256, dropout: float = 0.5
+    ) -> UNet:
+        """The U-net for this variant (``in_channels``: number of MRF measurements for ``inputs: mrf``)."""
+        from .networks import UNet
+
+        if not self.uses_mrf and in_channels != len(self.inputs):
+            raise ValueError(
+                f"{self.name}: expects {len(self.inputs)} input maps, got {in_channels} channels"
+            )
+        return UNet(in_channels, len(self.outputs), widths, bridge, dropout, self.out_activation)
+
+
+def default_networks() -> list[dict[str, Any]]:
+    """The eight networks of Table 1 as config entries."""
+    five = list(OUTPUT_NAMES)
+    nets: list[dict[str, Any]] = [
+        {"name": f"{loss.upper()}-5", "loss": loss, "inputs": "mrf", "outputs": five}
+        for loss in ("mse", "mae", "lcl")
+    ]
+    nets += [
+        {"name": f"{loss.upper()}-1", "loss": loss, "inputs": "mrf", "outputs": ["lesion"]}
+        for loss in ("mse", "mae", "lcl", "dice")
+    ]
+    nets.append({"name": "MSE-2-1", "loss": "mse", "inputs": ["T1", "T2star"], "outputs": ["lesion"]})
+    return nets
+
+
+def specs_from_config(entries: Iterable[Mapping[str, Any]]) -> list[NetworkSpec]:
+    """Parse config entries; names must be unique."""
+    specs = [NetworkSpec.from_dict(e) for e in entries]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate network names in {names}")
+    return specs
