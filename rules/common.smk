@@ -1,6 +1,9 @@
 # Parse-time plan: subjects, input paths and file stems (see mrflesion.workflow).
+import inspect
 import sys
 from pathlib import Path
+
+from snakemake.common import overwrite_function_params
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
@@ -16,10 +19,33 @@ wildcard_constraints:
     stem=STEM_REGEX,
 
 
-def subject_inputs(wildcards):
-    return PLAN.subjects[wildcards.stem]
+def planned(fn):
+    """Mark an input, params or resources function of a rule. Snakemake looks up the signature of
+    each such function for each job (inspect.signature), a tenth of the planning time of a large
+    cohort; this records it once."""
+    overwrite_function_params(fn, inspect.signature(fn).parameters)
+    return fn
 
 
+def raw_inputs(*kinds, sidecar=False):
+    """Input function: the subject's BIDS files of the given kinds (and its MRF sidecar)."""
+
+    def files(wc):
+        s = PLAN.subjects[wc.stem]
+        d = {k: s.files[k] for k in kinds}
+        if sidecar:
+            d["sidecar"] = s.sidecar
+        return d
+
+    return planned(files)
+
+
+def mem_per_attempt(mb):
+    """mem_mb resource that grows with each attempt (retries on SLURM)."""
+    return planned(lambda wc, attempt: mb * attempt)
+
+
+@planned
 def input_files(wildcards):
     s = PLAN.subjects[wildcards.stem]
     return {**s.files, "sidecar": s.sidecar}

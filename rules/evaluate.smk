@@ -7,16 +7,16 @@ EVAL = EvaluationPlan(PLAN, TRAINING, config, OUT, WORK)
 
 rule infer:
     input:
-        unpack(lambda wc: EVAL.infer_inputs(wc.stem)),
+        unpack(planned(lambda wc: EVAL.infer_inputs(wc.stem))),
     output:
         **EVAL.infer_outputs("{stem}"),
     params:
-        key=lambda wc: PLAN.subjects[wc.stem].key,
+        subject=planned(lambda wc: EVAL.infer_params(wc.stem)),
         networks=EVAL.networks,
         cfg=config["inference"],
     threads: int(config["inference"]["threads"])
     resources:
-        mem_mb=lambda wc, attempt: 3000 * attempt,
+        mem_mb=mem_per_attempt(3000),
     log:
         f"{WORK}/logs/infer/{{stem}}.log",
     conda:
@@ -27,16 +27,15 @@ rule infer:
 
 rule evaluate_subject:
     input:
-        unpack(lambda wc: EVAL.evaluate_inputs(wc.stem)),
+        unpack(planned(lambda wc: EVAL.evaluate_inputs(wc.stem))),
     output:
         **EVAL.subject_outputs("{stem}"),
     params:
-        **{k: (lambda wc, k=k: EVAL.evaluate_params(wc.stem)[k]) for k in
-           ("key", "session", "site", "group", "split", "networks", "truth", "benchmarks")},
+        info=planned(lambda wc: EVAL.evaluate_params(wc.stem)),
         cfg=config["evaluation"],
         config=config,
     resources:
-        mem_mb=lambda wc, attempt: 3000 * attempt,
+        mem_mb=mem_per_attempt(3000),
     log:
         f"{WORK}/logs/evaluate/{{stem}}.log",
     conda:

@@ -7,9 +7,9 @@ rule check_inputs:
     output:
         f"{WORK}/inputs/{{stem}}_inputs.json",
     params:
-        key=lambda wc: PLAN.subjects[wc.stem].key,
+        key=planned(lambda wc: PLAN.subjects[wc.stem].key),
         n_measurements=config["mrf_measurements"],
-        record=lambda wc: failure_record_path(WORK, wc.stem),
+        record=planned(lambda wc: failure_record_path(WORK, wc.stem)),
     benchmark:
         f"{WORK}/benchmarks/check_inputs/{{stem}}.tsv",
     log:

@@ -10,7 +10,7 @@ if PLAN.phantom:
             # ground truth that the evaluation reads (mrflesion.evaluate_steps.TRUTH_FILES)
             truth=EVAL.all_truth_files(),
         params:
-            out=PLAN.bids_dir,
+            out=lambda wc, output: os.path.dirname(output.description),
             cfg=config["phantom"],
         threads: 2
         log:

@@ -1,38 +1,20 @@
-# Quantitative maps: brain mask, MPPCA denoising, dictionary (cached per sequence timing), matching.
+# Quantitative maps: brain mask and MPPCA denoising, dictionary (cached per sequence timing), matching.
 
 
-rule mrf_mask:
-    input:
-        mrf=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
-        checked=f"{WORK}/inputs/{{stem}}_inputs.json",
-    output:
-        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
-    params:
-        source=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
-    benchmark:
-        f"{WORK}/benchmarks/mrf_mask/{{stem}}.tsv",
-    log:
-        f"{WORK}/logs/mrf_mask/{{stem}}.log",
-    conda:
-        "../envs/denoise.yaml"
-    script:
-        "../scripts/mrf_mask.py"
-
-
+# brain mask of the MRF series (which the denoising is restricted to) and MPPCA denoising: one job
 rule denoise:
     input:
-        mrf=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
-        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
+        mrf=planned(lambda wc: PLAN.subjects[wc.stem].files["mrf"]),
         checked=f"{WORK}/inputs/{{stem}}_inputs.json",
     output:
+        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
         denoised=f"{OUT}/{{stem}}_acq-MRFEPI_desc-denoised_MRF.nii.gz",
         sigma=f"{OUT}/{{stem}}_acq-MRFEPI_desc-mppca_noisemap.nii.gz",
     params:
         cfg=config["denoise"],
-        source=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
     threads: 2
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
+        mem_mb=mem_per_attempt(4000),
     benchmark:
         f"{WORK}/benchmarks/denoise/{{stem}}.tsv",
     log:
@@ -47,7 +29,7 @@ rule dictionary:
     output:
         f"{WORK}/dictionaries/mrfdict_{{timing}}.npz",
     params:
-        sidecar=lambda wc: PLAN.protocols[wc.timing],
+        sidecar=planned(lambda wc: PLAN.protocols[wc.timing]),
         cfg=config["dictionary"],
     threads: 2
     log:
@@ -60,10 +42,10 @@ rule dictionary:
 
 rule match:
     input:
+        unpack(planned(lambda wc: {"sidecar": PLAN.subjects[wc.stem].sidecar,
+                                   "dictionary": f"{WORK}/dictionaries/mrfdict_{PLAN.timing[wc.stem]}.npz"})),
         mrf=f"{OUT}/{{stem}}_acq-MRFEPI_desc-denoised_MRF.nii.gz",
         mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
-        sidecar=lambda wc: PLAN.subjects[wc.stem].sidecar,
-        dictionary=lambda wc: f"{WORK}/dictionaries/mrfdict_{PLAN.timing[wc.stem]}.npz",
     output:
         T1=f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz",
         T2star=f"{OUT}/{{stem}}_acq-MRFEPI_T2starmap.nii.gz",
@@ -74,7 +56,7 @@ rule match:
         cfg=config["matching"],
     threads: 2
     resources:
-        mem_mb=lambda wc, attempt: 6000 * attempt,
+        mem_mb=mem_per_attempt(6000),
     benchmark:
         f"{WORK}/benchmarks/match/{{stem}}.tsv",
     log:

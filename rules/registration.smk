@@ -1,5 +1,6 @@
-# Registration to the T2w image: the MRF T1 map (rigid, then a phase-encode-restricted SyN stage when
-# registration.phase_encode_stage) and the FLAIR image (rigid; carries the manual lesion mask).
+# Registration to the T2w image, one job per subject: the MRF T1 map (rigid, then a phase-encode-restricted
+# SyN stage when registration.phase_encode_stage) carrying the maps, the MRF series and the brain mask, then
+# the FLAIR image (rigid) carrying the manual lesion mask.
 
 _PE_STAGE = bool(config["registration"]["phase_encode_stage"])
 _XFM = f"{OUT}/{{stem}}_from-MRF_to-T2w_mode-image"
@@ -14,15 +15,14 @@ _PE_OUTPUTS = (
 )
 
 
-rule register_mrf:
+rule register:
     input:
+        unpack(raw_inputs("mrf", "t2w", "flair", "lesion")),
         T1=f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz",
         T2star=f"{OUT}/{{stem}}_acq-MRFEPI_T2starmap.nii.gz",
         B1=f"{OUT}/{{stem}}_acq-MRFEPI_TB1map.nii.gz",
         M0=f"{OUT}/{{stem}}_acq-MRFEPI_M0map.nii.gz",
         mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
-        mrf=lambda wc: PLAN.subjects[wc.stem].files["mrf"],
-        t2w=lambda wc: PLAN.subjects[wc.stem].files["t2w"],
     output:
         rigid=f"{_XFM}_desc-rigid_xfm.mat",
         xfm_json=f"{_XFM}_xfm.json",
@@ -33,40 +33,19 @@ rule register_mrf:
         M0=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_M0map.nii.gz",
         MRF=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_MRF.nii.gz",
         mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
+        flair_xfm=f"{OUT}/{{stem}}_from-FLAIR_to-T2w_mode-image_xfm.mat",
+        lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
     params:
         cfg=config["registration"],
     # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
+        mem_mb=mem_per_attempt(4000),
     benchmark:
-        f"{WORK}/benchmarks/register_mrf/{{stem}}.tsv",
+        f"{WORK}/benchmarks/register/{{stem}}.tsv",
     log:
-        f"{WORK}/logs/register_mrf/{{stem}}.log",
+        f"{WORK}/logs/register/{{stem}}.log",
     conda:
         "../envs/registration.yaml"
     script:
-        "../scripts/register_mrf.py"
-
-
-rule register_flair:
-    input:
-        flair=lambda wc: PLAN.subjects[wc.stem].files["flair"],
-        lesion=lambda wc: PLAN.subjects[wc.stem].files["lesion"],
-        t2w=lambda wc: PLAN.subjects[wc.stem].files["t2w"],
-        checked=f"{WORK}/inputs/{{stem}}_inputs.json",
-    output:
-        xfm=f"{OUT}/{{stem}}_from-FLAIR_to-T2w_mode-image_xfm.mat",
-        lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
-    # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
-    threads: 1
-    resources:
-        mem_mb=lambda wc, attempt: 2000 * attempt,
-    benchmark:
-        f"{WORK}/benchmarks/register_flair/{{stem}}.tsv",
-    log:
-        f"{WORK}/logs/register_flair/{{stem}}.log",
-    conda:
-        "../envs/registration.yaml"
-    script:
-        "../scripts/register_flair.py"
+        "../scripts/register.py"

@@ -17,7 +17,7 @@ rule tissue:
     # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
+        mem_mb=mem_per_attempt(4000),
     benchmark:
         f"{WORK}/benchmarks/tissue/{{stem}}.tsv",
     log:

@@ -33,19 +33,41 @@ rule splits:
         "../scripts/splits.py"
 
 
+localrules:
+    training_set,
+    model_record,
+
+
+# the training and validation subjects' finished chains, once for all networks (see learn_steps)
+rule training_set:
+    input:
+        TRAINING.ready_files(),
+    output:
+        TRAINING.training_set_record(WORK),
+    params:
+        subjects={split: TRAINING.subjects_all(split) for split in ("train", "val")},
+    log:
+        f"{WORK}/logs/train/training_set.log",
+    conda:
+        "../envs/learn.yaml"
+    script:
+        "../scripts/training_set.py"
+
+
 rule train_network:
     input:
-        unpack(lambda wc: TRAINING.inputs(wc.network)),
+        splits=f"{OUT}/group/splits.tsv",
+        training_set=TRAINING.training_set_record(WORK),
     output:
         best=f"{OUT}/models/{{network}}/best.pt",
         history=f"{OUT}/models/{{network}}/history.tsv",
         sidecar=f"{OUT}/models/{{network}}/best.json",
     params:
-        spec=lambda wc: TRAINING.networks[wc.network],
+        spec=planned(lambda wc: TRAINING.networks[wc.network]),
         cfg=TRAINING.train_cfg,
-        train_subjects=lambda wc: TRAINING.subjects(wc.network, "train"),
-        val_subjects=lambda wc: TRAINING.subjects(wc.network, "val"),
-        state_dir=lambda wc: f"{WORK}/train/{wc.network}",
+        train_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "train")),
+        val_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "val")),
+        state_dir=planned(lambda wc: f"{WORK}/train/{wc.network}"),
     threads: int(TRAINING.cfg["threads"])
     resources:
         mem_mb=int(TRAINING.cfg["mem_mb"]),
@@ -58,19 +80,17 @@ rule train_network:
         "../scripts/train.py"
 
 
-localrules:
-    model_record,
-
-
 rule model_record:
     input:
-        best=f"{OUT}/models/{{network}}/best.pt",
-        history=f"{OUT}/models/{{network}}/history.tsv",
-        sidecar=f"{OUT}/models/{{network}}/best.json",
+        best=expand(f"{OUT}/models/{{network}}/best.pt", network=list(TRAINING.networks)),
+        history=expand(f"{OUT}/models/{{network}}/history.tsv", network=list(TRAINING.networks)),
+        sidecar=expand(f"{OUT}/models/{{network}}/best.json", network=list(TRAINING.networks)),
     output:
-        f"{OUT}/models/{{network}}/model.json",
+        f"{OUT}/models/models.json",
+    params:
+        networks=list(TRAINING.networks),
     log:
-        f"{WORK}/logs/train/{{network}}_record.log",
+        f"{WORK}/logs/train/models_record.log",
     conda:
         "../envs/learn.yaml"
     script:
@@ -80,4 +100,4 @@ rule model_record:
 rule train:
     input:
         f"{OUT}/group/splits.tsv",
-        expand(f"{OUT}/models/{{network}}/model.json", network=list(TRAINING.networks)),
+        f"{OUT}/models/models.json",

@@ -1,4 +1,4 @@
-"""Rule script: see mrflesion.anat_steps.register_mrf."""
+"""Rule script: see mrflesion.anat_steps.register."""
 
 import sys
 from pathlib import Path
@@ -7,4 +7,4 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
 from mrflesion import anat_steps, steps  # noqa: E402
 
-steps.main(snakemake, "register_mrf", anat_steps)  # noqa: F821
+steps.main(snakemake, "register", anat_steps)  # noqa: F821

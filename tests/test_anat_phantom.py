@@ -127,17 +127,19 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
              "MRF": f"{stem}_acq-MRFEPI_space-T2w_MRF.nii.gz", "mask": f"{stem}_space-T2w_desc-brain_mask.nii.gz"}
         t2w = str(raw / f"{sub}_T2w.nii.gz")
         t0 = time.perf_counter()
-        r = anat_steps.register_mrf_to_t2w(maps, str(mrf), str(mask_path), t2w, o, phase_encode_stage=True)
+        r = anat_steps.register_mrf_to_t2w(maps, str(mrf), str(mask_path), t2w, o, phase_encode_stage=True,
+                                           threads=1)  # as in the rule: reproducible
         t_reg = time.perf_counter() - t0
         t0 = time.perf_counter()
         fl = anat_steps.register_flair_lesion(str(raw / f"{sub}_FLAIR.nii.gz"),
                                               str(manual / f"{sub}_space-FLAIR_label-lesion_mask.nii.gz"), t2w,
                                               f"{stem}_from-FLAIR_to-T2w_mode-image_xfm.mat",
-                                              f"{stem}_space-T2w_label-lesion_mask.nii.gz")
+                                              f"{stem}_space-T2w_label-lesion_mask.nii.gz", threads=1)
         t_flair = time.perf_counter() - t0
         t0 = time.perf_counter()
         probs = {k: f"{stem}_space-T2w_label-{k}_probseg.nii.gz" for k in ("GM", "WM", "CSF", "NAWM")}
-        tis = anat_steps.tissue_maps(o["T1"], o["mask"], f"{stem}_space-T2w_label-lesion_mask.nii.gz", probs)
+        tis = anat_steps.tissue_maps(o["T1"], o["mask"], f"{stem}_space-T2w_label-lesion_mask.nii.gz", probs,
+                                     threads=1)
         t_tis = time.perf_counter() - t0
         results[sub] = {"site": row.site, "group": row.group, "raw": raw, "truth": truth, "out": o,
                         "t1_mrf": t1_path, "reg": r["result"], "flair": fl, "probs": probs, "tissue": tis,

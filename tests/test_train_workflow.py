@@ -25,8 +25,8 @@ import yaml
 from conftest import ROOT
 
 from mrflesion import learn_steps
-from mrflesion.learn import predict_volume
 from mrflesion.learn.networks import default_networks
+from mrflesion.learn.train import predict_volume
 from mrflesion.phantom import cohort_table, generate
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -262,3 +262,20 @@ def test_slurm_profile_gives_training_a_gpu(tmp_path: Path) -> None:
     assert len(jobs) == 8
     for r in jobs.values():
         assert "gpu=1" in r and f"cpus_per_gpu={cpus}" in r and "mem_mb=4000" in r
+
+
+def test_ready_image_stands_for_every_training_image(tmp_path: Path) -> None:
+    """Training, inference and evaluation declare one file per subject (learn_steps.READY_IMAGE); the
+    plan that makes it must make every T2w-space image they read, so these exist and are older."""
+    stem = "sub-01/anat/sub-01"
+    ready = tmp_path / "out" / learn_steps.TRAIN_IMAGES[learn_steps.READY_IMAGE].format(stem=stem)
+    proc = subprocess.run(
+        SNAKEMAKE + ["--summary", "--cores", "1", *_overlay(tmp_path), "--", str(ready)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned = {line.split("\t")[0] for line in proc.stdout.splitlines()[1:]}
+    for kind, name in learn_steps.TRAIN_IMAGES.items():
+        assert str(tmp_path / "out" / name.format(stem=stem)) in planned, kind
+    # and the chain's last step is what makes it (nothing of the subject is planned after it)
+    assert not any("_desc-evaluation" in f or "_report" in f for f in planned)

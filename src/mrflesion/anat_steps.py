@@ -1,7 +1,7 @@
 """Rule bodies of the anatomical stages: registration to the T2w image and tissue probabilities.
 
 Each ``smk`` function reads ``snakemake.input/output/params`` and calls a plain function of this
-module (usable without Snakemake); scripts/register_mrf.py etc. run them through
+module (usable without Snakemake); scripts/register.py etc. run them through
 ``mrflesion.steps.main(snakemake, "<name>", anat_steps)`` for logging and error handling.
 
 Outputs (BIDS derivatives, ``<stem>`` = ``sub-X[/ses-Y]/anat/sub-X[_ses-Y]``):
@@ -114,13 +114,20 @@ def register_mrf_to_t2w(
     return {"result": res, "timings": timings, "mask_voxels": int(mask.sum())}
 
 
+def register(smk: Any) -> None:
+    """Rule ``register``: the MRF maps, series and brain mask (:func:`register_mrf`), then the FLAIR
+    image and manual lesion mask (:func:`register_flair`) in T2w space."""
+    register_mrf(smk)
+    register_flair(smk)
+
+
 def register_mrf(smk: Any) -> None:
-    """Rule ``register_mrf``: transforms, maps, MRF series and brain mask in T2w space."""
+    """Transforms, maps, MRF series and brain mask in T2w space (part of rule ``register``)."""
     cfg = smk.params.cfg
     pe = bool(cfg["phase_encode_stage"])
     full = bool(cfg["mrf_full_transform"])
     maps = {k: smk.input[k] for k in MAP_KEYS}
-    out = {k: smk.output[k] for k in smk.output.keys()}
+    out = {k: smk.output[k] for k in smk.output.keys() if k not in ("flair_xfm", "lesion")}
     info = register_mrf_to_t2w(maps, smk.input.mrf, smk.input.mask, smk.input.t2w, out,
                                phase_encode_stage=pe, mrf_full_transform=full, threads=int(smk.threads))
     res, timings = info["result"], _rounded(info["timings"])
@@ -195,18 +202,18 @@ def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_l
 
 
 def register_flair(smk: Any) -> None:
-    """Rule ``register_flair``: FLAIR transform and the manual lesion mask in T2w space."""
-    info = register_flair_lesion(smk.input.flair, smk.input.lesion, smk.input.t2w, smk.output.xfm,
+    """FLAIR transform and the manual lesion mask in T2w space (part of rule ``register``)."""
+    info = register_flair_lesion(smk.input.flair, smk.input.lesion, smk.input.t2w, smk.output.flair_xfm,
                                  smk.output.lesion, threads=int(smk.threads))
     timings = _rounded(info["timings"])
-    write_json(_json_path(smk.output.xfm), {
+    write_json(_json_path(smk.output.flair_xfm), {
         "Description": "Rigid FLAIR -> T2w transform (ANTs Mattes MI; ITK .mat, maps T2w points to "
                        "FLAIR points)",
         "Units": "mm", "Sources": [smk.input.flair, smk.input.t2w], "TimingsSeconds": timings})
     write_json(_json_path(smk.output.lesion), {
         "Type": "Lesion", "Description": "Manual lesion mask (FLAIR space) resampled into T2w space "
                                          "(rigid, linear interpolation, >= 0.5)",
-        "Units": "1", "Sources": [smk.input.lesion, smk.input.flair, smk.input.t2w, smk.output.xfm],
+        "Units": "1", "Sources": [smk.input.lesion, smk.input.flair, smk.input.t2w, smk.output.flair_xfm],
         "Voxels": info["lesion_voxels"], "TimingsSeconds": timings})
     print(f"register_flair: {timings}")
 

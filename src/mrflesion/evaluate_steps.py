@@ -26,13 +26,14 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .io import write_json, write_text
-from .learn_steps import TRAIN_IMAGES
+from .learn_steps import READY_IMAGE, TRAIN_IMAGES
 
 #: Network outputs in T2w space, relative to output_dir (``{stem}``, ``{label}`` filled in).
 OUTPUT_FILES = {
@@ -58,7 +59,7 @@ TRUTH_FILES = {
 }
 
 #: Conventional-chain rules whose Snakemake benchmark files give the per-subject timings.
-CHAIN_STEPS = ("check_inputs", "mrf_mask", "denoise", "match", "register_mrf", "register_flair", "tissue")
+CHAIN_STEPS = ("check_inputs", "denoise", "match", "register", "tissue")
 
 
 def net_label(name: str) -> str:
@@ -99,16 +100,20 @@ def infer(smk: Any) -> None:
     from .learn_steps import needed_images
 
     cfg = smk.params.cfg
-    ref = nib.load(smk.input.mask)
+    images = smk.params.subject["images"]  # under the declared input `ready` (see EvaluationPlan)
+    key = smk.params.subject["key"]
+    ref = nib.load(images["mask"])
     cache: dict[Any, Any] = {}  # images loaded once for the networks that share them
+    record: dict[str, Any] = {"subject": key, "networks": {}}
+    models = json.loads(Path(smk.input.models).read_text())["Networks"]
     for net in smk.params.networks:
         label = net_label(net)
-        model = str(Path(smk.input[f"model_{label}"]).with_name("best.pt"))  # next to its record
-        subject = {"subject": smk.params.key, "mask": smk.input.mask}
+        model = models[net]["Weights"]
+        subject = {"subject": key, "mask": images["mask"]}
         ck = checkpoint.load(model)
         for k in needed_images(ck["spec"]):
             if k in ("mrf", "T1", "T2star"):
-                subject[k] = smk.input[k]
+                subject[k] = images[k]
         outs, rec = infer_subject(ck, subject, mode=str(cfg["mode"]), window=int(cfg["window"]),
                                   overlap=float(cfg["overlap"]), device=str(cfg["device"]),
                                   threads=int(smk.threads), cache=cache)
@@ -124,8 +129,14 @@ def infer(smk: Any) -> None:
                 "Sources": [str(model)] + [str(v) for k, v in subject.items() if k != "subject"],
                 "Inference": {k: v for k, v in rec.items() if k != "affine"},
             })
-        print(f"{smk.params.key} {rec['network']}: {rec['predict_seconds']:.2f} s prediction ({rec['device']}, "
+        record["networks"][net] = {
+            "model": model, "history": models[net]["History"],
+            "outputs": {name: str(smk.output[f"{label}_{name}"]) for name in outs},
+            **{k: rec[k] for k in ("device", "mode", "load_seconds", "predict_seconds")},
+        }
+        print(f"{key} {rec['network']}: {rec['predict_seconds']:.2f} s prediction ({rec['device']}, "
               f"{rec['mode']}), {rec['load_seconds']:.2f} s loading")
+    write_json(smk.output.record, record)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -246,25 +257,29 @@ def evaluate_subject(smk: Any) -> None:
     """Metrics, curves, lesion tables and the HTML report of one subject (all networks)."""
     from .evaluate.report import NetworkResult, SubjectReport, write_subject_report
 
-    p = smk.params
+    # params.info: the subject's details (EvaluationPlan.evaluate_params); cfg: the evaluation config
+    p = SimpleNamespace(**smk.params.info, cfg=smk.params.cfg, config=smk.params.config)
     threshold = float(p.cfg["threshold"])
     tissue_threshold = float(p.cfg["tissue_threshold"])
-    brain_f, brain_img = _load(smk.input.mask)
+    f = p.files  # under the declared inputs `ready` and `inference` (see EvaluationPlan)
+    brain_f, brain_img = _load(f["mask"])
     brain = brain_f > 0.5
     zooms = brain_img.header.get_zooms()[:3]
-    refs: dict[str, dict[str, np.ndarray]] = {"pipeline": {k: _load(smk.input[f"ref_{k}"])[0]
+    refs: dict[str, dict[str, np.ndarray]] = {"pipeline": {k: _load(f[f"ref_{k}"])[0]
                                                            for k in ("T1", "T2star", "NAWM", "GM", "lesion")}}
     if p.truth:
         t = {k: _load(v)[0] for k, v in p.truth.items()}
         refs["truth"] = {"T1": t["T1"], "T2star": t["T2star"], "GM": t["GM"], "lesion": t["lesion"],
                          "NAWM": t["WM"] * (t["lesion"] < 0.5)}
+    # the inference job's record names its outputs (written by the same job, so they exist with it)
+    inferred = json.loads(Path(smk.input.inference).read_text())["networks"]
     outputs: dict[str, dict[str, np.ndarray]] = {}
     infer_s: dict[str, float] = {}
-    for net, files in p.networks.items():
-        outputs[net] = {o: _load(smk.input[f"{net_label(net)}_{o}"])[0] for o in files}
-        side = json.loads(_sidecar_path(next(iter(smk.input[f"{net_label(net)}_{o}"] for o in files))).read_text())
-        infer_s[net] = float(side["Inference"]["predict_seconds"]) + float(side["Inference"]["load_seconds"])
+    for net in p.networks:
+        outputs[net] = {o: _load(path)[0] for o, path in inferred[net]["outputs"].items()}
+        infer_s[net] = float(inferred[net]["predict_seconds"]) + float(inferred[net]["load_seconds"])
     metrics, curves, lesions = subject_metrics(outputs, refs, brain, zooms, threshold, tissue_threshold)
+    chain = {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()}
     meta = {"subject": p.key, "site": p.site, "group": p.group, "split": p.split}
     for df in (metrics, curves, lesions):
         for i, (name, value) in enumerate(meta.items()):
@@ -276,28 +291,27 @@ def evaluate_subject(smk: Any) -> None:
                                 for r in g2.itertuples()} for ref, g2 in g.groupby("reference")}
                     for net, g in metrics.groupby("network")},
         "inference_seconds": infer_s,
-        "conventional_seconds": {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()},
+        "conventional_seconds": chain,
     })
     write_text(smk.output.curves, curves.to_csv(sep="\t", index=False, na_rep="n/a"))
     write_text(smk.output.lesions, lesions.to_csv(sep="\t", index=False, na_rep="n/a"))
 
     # ----- report
-    chain = {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()}
     timings = {f"conventional: {k}": v for k, v in chain.items()}
     timings["conventional: total"] = float(np.nansum(list(chain.values())))
     timings.update({f"inference: {k}": v for k, v in infer_s.items()})
     qc = {}
-    mrf_raw, _ = _load(smk.input.raw_mrf)
+    mrf_raw, _ = _load(f["raw_mrf"])
     qc["MRF (measurement 1)"] = mrf_raw[..., 0]
-    qc["T2w"] = _load(smk.input.raw_t2w)[0]
-    qc["FLAIR"] = _load(smk.input.raw_flair)[0]
-    underlay = _load(smk.input.mrf_t2w)[0].mean(axis=-1)
+    qc["T2w"] = _load(f["raw_t2w"])[0]
+    qc["FLAIR"] = _load(f["raw_flair"])[0]
+    underlay = _load(f["mrf_t2w"])[0].mean(axis=-1)
     results = []
     for net, maps in outputs.items():
         m = metrics[(metrics.network == net) & (metrics.reference == "pipeline")]
         c = curves[(curves.network == net) & (curves.reference == "pipeline")] if len(curves) else curves
         les = lesions[(lesions.network == net) & (lesions.reference == "pipeline")] if len(lesions) else lesions
-        hist = pd.read_csv(Path(smk.input[f"{net_label(net)}_model"]).with_name("history.tsv"), sep="\t")
+        hist = pd.read_csv(inferred[net]["history"], sep="\t")
         results.append(NetworkResult(
             name=net, outputs=maps, references={k: refs["pipeline"][k] for k in maps},
             curves=c.rename(columns={"ldr": "detection_rate"})[["threshold", "dice", "detection_rate"]]
@@ -417,24 +431,40 @@ class EvaluationPlan:
     def all_truth_files(self) -> list[str]:
         return [f for st in self.plan.stems() for f in self.truth_files(st).values()]
 
+    def ready(self, stem: str) -> str:
+        """The file that stands for a subject's finished conventional chain (see
+        :data:`mrflesion.learn_steps.READY_IMAGE`)."""
+        return f"{self.out}/" + TRAIN_IMAGES[READY_IMAGE].format(stem=stem)
+
     def infer_inputs(self, stem: str) -> dict[str, str]:
-        """Named inputs of a subject's inference job: ``model_<label>`` per network (the model record
-        ``models/<network>/model.json``, written after ``best.pt``; depending on it rather than on the
-        training job's outputs keeps planning linear in the cohort size) and the images
-        (``mrf``, ``T1``, ``T2star``) the networks read, plus the T2w-space brain ``mask``."""
+        """Declared inputs of a subject's inference job: ``models`` (the record ``models/models.json``
+        of every trained network, written after the weights; depending on it rather than on the
+        training jobs' outputs keeps planning linear in the cohort size) and ``ready``, the subject's
+        finished chain; the images the networks read are in :meth:`infer_params`."""
+        return {"models": self.models_record(), "ready": self.ready(stem)}
+
+    def infer_params(self, stem: str) -> dict[str, Any]:
+        """The subject's key and the T2w-space images (``mrf``, ``T1``, ``T2star``, ``mask``) the
+        networks read."""
         from .learn_steps import needed_images
 
-        d = {f"model_{net_label(n)}": f"{self.out}/models/{n}/model.json" for n in self.networks}
-        kinds = {k for n in self.networks for k in needed_images(self.training.networks[n])
-                 if k in ("mrf", "T1", "T2star")}
-        for k in ("mrf", "T1", "T2star", "mask"):
-            if k in kinds or k == "mask":
-                d[k] = f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem)
-        return d
+        kinds = {k for n in self.networks for k in needed_images(self.training.networks[n])} | {"mask"}
+        return {"key": self.plan.subjects[stem].key,
+                "images": {k: f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem)
+                           for k in ("mrf", "T1", "T2star", "mask") if k in kinds}}
+
+    def models_record(self) -> str:
+        return f"{self.out}/models/models.json"
+
+    def inference_record(self, stem: str) -> str:
+        """The inference job's record of one subject (its outputs, models and timings, per network)."""
+        return f"{self.work}/inference/{stem}.json"
 
     def infer_outputs(self, stem: str) -> dict[str, str]:
-        """Every network's output files of one subject, named ``<label>_<output>``."""
-        return {f"{net_label(n)}_{o}": f for n in self.networks for o, f in self.outputs(n, stem).items()}
+        """Every network's output files of one subject, named ``<label>_<output>``, and the ``record``."""
+        d = {f"{net_label(n)}_{o}": f for n in self.networks for o, f in self.outputs(n, stem).items()}
+        d["record"] = self.inference_record(stem)
+        return d
 
     def outputs(self, network: str, stem: str) -> dict[str, str]:
         return output_files(self.out, stem, network, self.networks[network])
@@ -443,26 +473,32 @@ class EvaluationPlan:
         return f"{self.work}/benchmarks/{step}/{stem}.tsv"
 
     def evaluate_inputs(self, stem: str) -> dict[str, str]:
+        """Declared inputs of a subject's evaluation: ``ready`` (the finished chain: the references
+        and the registered MRF series), ``inference`` (the inference record: the network outputs and
+        models) and the phantom truth; the paths it reads are in :meth:`evaluate_params`. Few
+        declared inputs per subject keep planning a large cohort fast."""
+        d = {"ready": self.ready(stem), "inference": self.inference_record(stem)}
+        for k, f in self.truth_files(stem).items():
+            d[f"truth_{k}"] = f
+        return d
+
+    def evaluate_files(self, stem: str) -> dict[str, str]:
+        """The images an evaluation reads, named ``ref_<map>``, ``mask``, ``mrf_t2w``, ``raw_<kind>``."""
         s = self.plan.subjects[stem]
         d = {f"ref_{k}": f"{self.out}/" + v.format(stem=stem) for k, v in REFERENCE_FILES.items()
              if k not in ("mask", "mrf")}
         d["mask"] = f"{self.out}/" + REFERENCE_FILES["mask"].format(stem=stem)
         d["mrf_t2w"] = f"{self.out}/" + REFERENCE_FILES["mrf"].format(stem=stem)
         d.update(raw_mrf=s.files["mrf"], raw_t2w=s.files["t2w"], raw_flair=s.files["flair"])
-        for net in self.networks:
-            for o, f in self.outputs(net, stem).items():
-                d[f"{net_label(net)}_{o}"] = f
-            d[f"{net_label(net)}_model"] = f"{self.out}/models/{net}/model.json"
-        for k, f in self.truth_files(stem).items():
-            d[f"truth_{k}"] = f
         return d
 
     def evaluate_params(self, stem: str) -> dict[str, Any]:
+        """Everything the evaluation of one subject needs besides its files (one params callable)."""
         s = self.plan.subjects[stem]
         return {
             "key": s.key, "session": s.session, "site": s.site, "group": s.group or "n/a",
             "split": self.training.split_of.get(f"sub-{s.subject}", "n/a"),
-            "networks": self.networks, "truth": self.truth_files(stem),
+            "networks": self.networks, "truth": self.truth_files(stem), "files": self.evaluate_files(stem),
             "benchmarks": {step: self.benchmark(step, stem) for step in CHAIN_STEPS},
         }
 

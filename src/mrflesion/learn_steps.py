@@ -55,6 +55,15 @@ TRAIN_IMAGES = {
     "mask": "{stem}_space-T2w_desc-brain_mask.nii.gz",
 }
 
+#: The image that stands for a subject's finished conventional chain in the declared inputs of the
+#: jobs that read the T2w-space images (training, inference, evaluation). Its job (``tissue``) reads the
+#: registered T1 map, brain mask and lesion mask (rule ``register``, whose outputs are also the other
+#: maps and the MRF series) and writes GM next to it, so every image of :data:`TRAIN_IMAGES` exists and
+#: is older than it; a rerun of any step before it makes it newer, which reruns its consumers. One
+#: declared file per subject instead of seven keeps the plan of a large cohort fast
+#: (tests/test_train_workflow.py checks that it covers the others).
+READY_IMAGE = "NAWM"
+
 #: Keys of the ``training`` config passed on to :func:`mrflesion.learn.train`.
 TRAIN_KEYS = (
     "epochs",
@@ -105,7 +114,7 @@ def subject_rows(subjects: Iterable[Any]) -> list[dict[str, str]]:
 
 def make_splits(rows: Sequence[Mapping[str, Any]], split_cfg: Mapping[str, Any]) -> pd.DataFrame:
     """Subject table (subject, site, group) -> the same with a ``split`` column (train/val/test)."""
-    from .learn.data import split_subjects
+    from .learn.split import split_subjects
 
     table = pd.DataFrame(list(rows), columns=["subject", "site", "group"])
     if table.empty:
@@ -152,7 +161,7 @@ def split_of(table: pd.DataFrame) -> dict[str, str]:
 
 def needed_images(spec: Mapping[str, Any]) -> list[str]:
     """Image kinds a network's training needs: its inputs and targets, the brain and lesion masks."""
-    from .learn.networks import NetworkSpec
+    from .learn.spec import NetworkSpec
 
     s = NetworkSpec.from_dict(spec)
     kinds = ["mrf"] if s.uses_mrf else list(s.inputs)
@@ -173,7 +182,7 @@ class TrainingPlan:
     """Parse-time view of the training stage for rules/train.smk: networks, split, job inputs."""
 
     def __init__(self, plan: Any, config: Mapping[str, Any], out_dir: str) -> None:
-        from .learn.networks import specs_from_config
+        from .learn.spec import specs_from_config
 
         self.plan = plan
         self.out = out_dir
@@ -192,6 +201,11 @@ class TrainingPlan:
         kinds = needed_images(self.networks[network])
         return [subject_images(self.out, st, self.plan.subjects[st].key, kinds) for st in self.stems(split)]
 
+    def subjects_all(self, split: str) -> list[dict[str, str]]:
+        """Every T2w-space image of the split's subjects (what any network may read)."""
+        return [subject_images(self.out, st, self.plan.subjects[st].key, list(TRAIN_IMAGES))
+                for st in self.stems(split)]
+
     def problem(self) -> str | None:
         """Why no network can be trained on this cohort (None when training is possible)."""
         if not self.networks:
@@ -202,19 +216,16 @@ class TrainingPlan:
                     "(see training.split in the config)")
         return None
 
-    def inputs(self, network: str) -> dict[str, Any]:
-        """Named inputs of a training job: ``splits`` and, per image kind, the training and validation
-        subjects' files (test subjects are never inputs)."""
-        tr, va = self.subjects(network, "train"), self.subjects(network, "val")
-        if not tr or not va:
-            raise ValueError(f"mrflesion: cannot train {network}: the split has {len(tr)} training and "
-                             f"{len(va)} validation subjects (see training.split in the config)")
-        images: dict[str, Any] = {"splits": f"{self.out}/group/splits.tsv"}
-        for s in tr + va:
-            for k, v in s.items():
-                if k != "subject":
-                    images.setdefault(k, []).append(v)
-        return images
+    def ready_files(self) -> list[str]:
+        """One file per training and validation subject standing for its finished chain
+        (:data:`READY_IMAGE`); test subjects are never inputs of training."""
+        return [f"{self.out}/" + TRAIN_IMAGES[READY_IMAGE].format(stem=st)
+                for st in self.stems("train") + self.stems("val")]
+
+    def training_set_record(self, work_dir: str) -> str:
+        """The record of the subjects a training job reads (rule ``training_set``): what the eight
+        training jobs depend on, instead of each listing every subject (planning a large cohort)."""
+        return f"{work_dir}/train/training_set.json"
 
 
 def train_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -359,16 +370,39 @@ def train_network(smk: Any) -> None:
     )
 
 
+def training_set(smk: Any) -> None:
+    """``train/training_set.json``: the training and validation subjects with the size and mtime of
+    their images, once all of them exist (what the training jobs depend on)."""
+    record: dict[str, Any] = {}
+    for split in ("train", "val"):
+        rows = []
+        for s in smk.params.subjects[split]:
+            images = {k: v for k, v in s.items() if k != "subject"}
+            missing = [v for v in images.values() if not Path(v).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{s['subject']}: {missing[0]} is missing (rerun its chain)")
+            rows.append({"subject": s["subject"], "images": {
+                k: {"path": v, "bytes": Path(v).stat().st_size, "mtime": Path(v).stat().st_mtime}
+                for k, v in images.items()}})
+        record[split] = rows
+    write_json(smk.output[0], record)
+    print(f"training set: {len(record['train'])} training and {len(record['val'])} validation subjects")
+
+
 def model_record(smk: Any) -> None:
-    """``models/<network>/model.json``: what inference and evaluation depend on (weights' sha256,
-    the training sidecar). A small record instead of the training job's outputs: Snakemake checks
-    each consumer against its producer's input list, and the training job lists every training
-    image, so thousands of inference jobs depending on it directly make planning quadratic."""
-    best = Path(smk.input.best)
-    digest = hashlib.sha256(best.read_bytes()).hexdigest()
-    side = json.loads(Path(smk.input.sidecar).read_text())
-    write_json(smk.output[0], {
-        "Network": side.get("Network"), "Weights": best.name, "WeightsSha256": digest,
-        "History": Path(smk.input.history).name, "EpochsCompleted": side.get("EpochsCompleted"),
-        "BestEpoch": side.get("BestEpoch"), "BestValidationMetrics": side.get("BestValidationMetrics"),
-    })
+    """``models/models.json``: what inference and evaluation depend on, one entry per network (the
+    weights' path and sha256, the training history, the training sidecar's summary). One small
+    record instead of the training jobs' outputs: Snakemake checks each consumer against its
+    producer's input list, and a training job lists every training image, so thousands of inference
+    jobs depending on it directly make planning quadratic; one file instead of one per network keeps
+    each inference job's input list short."""
+    record = {}
+    for net, best in zip(smk.params.networks, smk.input.best, strict=True):
+        best = Path(best)
+        side = json.loads(best.with_name("best.json").read_text())
+        record[net] = {
+            "Weights": str(best), "WeightsSha256": hashlib.sha256(best.read_bytes()).hexdigest(),
+            "History": str(best.with_name("history.tsv")), "EpochsCompleted": side.get("EpochsCompleted"),
+            "BestEpoch": side.get("BestEpoch"), "BestValidationMetrics": side.get("BestValidationMetrics"),
+        }
+    write_json(smk.output[0], {"Networks": record})

@@ -140,33 +140,39 @@ def _sidecar_for(path: str, fields: dict[str, Any]) -> None:
     write_json(base + ".json", fields)
 
 
-def mrf_mask(smk: Any) -> None:
+def mrf_mask(mrf: str, out_mask: str) -> int:
+    """Brain mask of an MRF series (Otsu on the mean image, largest component, holes filled) with its
+    sidecar; returns the number of brain voxels."""
     import nibabel as nib
     import numpy as np
 
     from .io import atomic_path
     from .masking import series_brain_mask
 
-    img = nib.load(smk.input.mrf)
+    img = nib.load(mrf)
     mask = series_brain_mask(np.asarray(img.dataobj, dtype=np.float32))
     out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
     out.header.set_xyzt_units("mm")
-    with atomic_path(smk.output.mask) as tmp:
+    with atomic_path(out_mask) as tmp:
         out.to_filename(tmp)
-    _sidecar_for(smk.output.mask, {
+    _sidecar_for(out_mask, {
         "Type": "Brain", "Description": "Otsu threshold of the mean MRF image, largest component, holes filled",
-        "Sources": [smk.params.source], "Voxels": int(mask.sum()),
+        "Sources": [str(mrf)], "Voxels": int(mask.sum()),
     })
+    return int(mask.sum())
 
 
 def denoise(smk: Any) -> None:
+    """Rule ``denoise``: the MRF brain mask, then MPPCA denoising inside it (series and noise map)."""
     from .denoise import denoise_file
 
+    voxels = mrf_mask(smk.input.mrf, smk.output.mask)
+    print(f"brain mask: {voxels} voxels")
     stats = denoise_file(
-        smk.input.mrf, smk.output.denoised, smk.output.sigma, mask_path=smk.input.mask,
+        smk.input.mrf, smk.output.denoised, smk.output.sigma, mask_path=smk.output.mask,
         patch_radius=int(smk.params.cfg["patch_radius"]), device=str(smk.params.cfg["device"]),
     )
-    common = {"Sources": [smk.params.source, smk.input.mask], "SoftwareStep": "MPPCA", **_jsonable(stats)}
+    common = {"Sources": [str(smk.input.mrf), str(smk.output.mask)], "SoftwareStep": "MPPCA", **_jsonable(stats)}
     _sidecar_for(smk.output.denoised, {"Description": "MPPCA-denoised MRF-EPI series", **common})
     _sidecar_for(smk.output.sigma, {"Description": "MPPCA noise standard deviation", "Units": "arbitrary", **common})
 
