@@ -180,6 +180,8 @@ class SlurmCluster:
                 "SlurmUser=root",
                 "SlurmdUser=root",
                 "AuthType=auth/munge",
+                # a requeued job waits for the credential lifetime before it starts again (default 120 s)
+                "AuthInfo=cred_expire=30",
                 f"StateSaveLocation={r / 'state'}",
                 f"SlurmdSpoolDir={r / 'spool'}",
                 f"SlurmctldPidFile={self.ctld_pid}",

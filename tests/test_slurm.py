@@ -43,8 +43,9 @@ def _overlay(tmp: Path) -> Path:
     return overlay
 
 
-def _snakemake(tmp: Path, overlay: Path, env: dict, *extra: str, timeout: int = TIMEOUT_S):
-    cmd = [
+def _command(tmp: Path, overlay: Path, *extra: str, timeout: int = TIMEOUT_S,
+             targets: tuple[str, ...] = ("all", "train")) -> list[str]:
+    return [
         "timeout", "-k", "20", str(timeout),
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
         "--profile", str(ROOT / "profiles" / "slurm"),
@@ -53,9 +54,13 @@ def _snakemake(tmp: Path, overlay: Path, env: dict, *extra: str, timeout: int = 
         # keep the SLURM logs of successful jobs (asserted below), group jobs at most 2 CPUs wide
         "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs",
         "--cores", "2", "--latency-wait", "10",
-        *extra, "all", "train",
+        *extra, *targets,
     ]
-    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout + 60)
+
+
+def _snakemake(tmp: Path, overlay: Path, env: dict, *extra: str, timeout: int = TIMEOUT_S):
+    return subprocess.run(_command(tmp, overlay, *extra, timeout=timeout), cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=timeout + 60)
 
 
 def _jobs(cluster: SlurmCluster) -> pd.DataFrame:
@@ -121,11 +126,79 @@ def test_pipeline_through_slurm(tmp_path: Path) -> None:
         dry = _snakemake(tmp_path, overlay, cluster.env, "-n", timeout=300)
         assert dry.returncode == 0, dry.stderr[-3000:]
         assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:] + dry.stderr[-3000:]
+
+        _preempted_training_resumes(tmp_path, overlay, cluster)
     finally:
         cluster.stop()
         print(f"SLURM tier: {time.monotonic() - t0:.0f} s", file=sys.stderr)
     for pid_file in (cluster.ctld_pid, cluster.slurmd_pid):
         assert not pid_file.exists() or not _alive(pid_file), f"{pid_file.name}: daemon still running"
+
+
+def _squeue(cluster: SlurmCluster) -> list[dict[str, str]]:
+    proc = subprocess.run(["squeue", "-h", "-o", "%i|%T|%k"], env=cluster.env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return [dict(zip(("id", "state", "comment"), line.split("|", 2), strict=True))
+            for line in proc.stdout.splitlines() if line.count("|") >= 2]
+
+
+def _history_rows(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def _preempted_training_resumes(tmp: Path, overlay: Path, cluster: SlurmCluster) -> None:
+    """Preemption: the training job, continued to more epochs, is requeued by SLURM while it runs
+    (`scontrol requeue`: SIGTERM, then the job goes back to the queue). The training saves its
+    checkpoint and exits; the requeued job resumes from that checkpoint and Snakemake, still
+    waiting on the same SLURM job, completes."""
+    epochs = 40
+    cfg = yaml.safe_load(overlay.read_text())
+    cfg["training"]["epochs"] = epochs
+    more = tmp / "overlay_more_epochs.yaml"
+    more.write_text(yaml.safe_dump(cfg))
+    state_history = tmp / "work" / "train" / NETWORK / "history.tsv"
+    log = tmp / "snakemake_preempt.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(_command(tmp, more, targets=("train",)), cwd=tmp, env=cluster.env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        job, t0 = None, time.monotonic()
+        while time.monotonic() - t0 < 600 and proc.poll() is None:
+            running = [j for j in _squeue(cluster)
+                       if j["comment"].startswith("rule_train_network") and j["state"] == "RUNNING"]
+            # requeue once the resumed training has finished two more epochs (of the 1 done before)
+            if running and _history_rows(state_history) >= 3:
+                job = running[0]["id"]
+                break
+            time.sleep(0.5)
+        assert job is not None, f"training job never ran past epoch 3\n{log.read_text()[-4000:]}"
+        done_at_requeue = _history_rows(state_history)
+        assert done_at_requeue < epochs, "training finished before it could be preempted"
+        req = subprocess.run(["scontrol", "requeue", job], env=cluster.env, capture_output=True, text=True,
+                             timeout=30)
+        assert req.returncode == 0, req.stderr
+        rc = proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    context = f"{log.read_text()[-6000:]}\n{cluster.logs()}"
+    assert rc == 0, context
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=cluster.env, capture_output=True,
+                           text=True, timeout=30).stdout
+    restarts = int(re.search(r"Restarts=(\d+)", shown).group(1))
+    assert restarts >= 1, shown
+    # the requeued run resumed from the checkpoint saved on SIGTERM (its log replaces the first run's)
+    train_log = (tmp / "work" / "logs" / "train" / f"{NETWORK}.log").read_text()
+    resumed = [int(m) for m in re.findall(r"resumed from \S+: epoch (\d+)", train_log)]
+    assert resumed and resumed[-1] >= done_at_requeue, train_log[-3000:]
+    history = pd.read_csv(tmp / "out" / "models" / NETWORK / "history.tsv", sep="\t")
+    assert list(history["epoch"]) == list(range(1, epochs + 1)), history["epoch"].tolist()
+    print(f"preempted at epoch {done_at_requeue}, resumed at {resumed[-1]}, {restarts} restart(s)",
+          file=sys.stderr)
 
 
 def _alive(pid_file: Path) -> bool:
