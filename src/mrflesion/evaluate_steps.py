@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .io import write_json, write_text
-from .learn_steps import READY_IMAGE, TRAIN_IMAGES
+from .learn_steps import TRAIN_IMAGES, ready_file
 
 #: Network outputs in T2w space, relative to output_dir (``{stem}``, ``{label}`` filled in).
 OUTPUT_FILES = {
@@ -434,7 +434,7 @@ class EvaluationPlan:
     def ready(self, stem: str) -> str:
         """The file that stands for a subject's finished conventional chain (see
         :data:`mrflesion.learn_steps.READY_IMAGE`)."""
-        return f"{self.out}/" + TRAIN_IMAGES[READY_IMAGE].format(stem=stem)
+        return ready_file(self.out, stem)
 
     def infer_inputs(self, stem: str) -> dict[str, str]:
         """Declared inputs of a subject's inference job: ``models`` (the record ``models/models.json``

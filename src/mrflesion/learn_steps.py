@@ -64,6 +64,11 @@ TRAIN_IMAGES = {
 #: (tests/test_train_workflow.py checks that it covers the others).
 READY_IMAGE = "NAWM"
 
+def ready_file(out_dir: str, stem: str) -> str:
+    """The :data:`READY_IMAGE` of one subject (session)."""
+    return f"{out_dir}/" + TRAIN_IMAGES[READY_IMAGE].format(stem=stem)
+
+
 #: Keys of the ``training`` config passed on to :func:`mrflesion.learn.train`.
 TRAIN_KEYS = (
     "epochs",
@@ -219,8 +224,7 @@ class TrainingPlan:
     def ready_files(self) -> list[str]:
         """One file per training and validation subject standing for its finished chain
         (:data:`READY_IMAGE`); test subjects are never inputs of training."""
-        return [f"{self.out}/" + TRAIN_IMAGES[READY_IMAGE].format(stem=st)
-                for st in self.stems("train") + self.stems("val")]
+        return [ready_file(self.out, st) for st in self.stems("train") + self.stems("val")]
 
     def training_set_record(self, work_dir: str) -> str:
         """The record of the subjects a training job reads (rule ``training_set``): what the eight
