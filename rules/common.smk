@@ -27,17 +27,9 @@ def planned(fn):
     return fn
 
 
-def raw_inputs(*kinds, sidecar=False):
-    """Input function: the subject's BIDS files of the given kinds (and its MRF sidecar)."""
-
-    def files(wc):
-        s = PLAN.subjects[wc.stem]
-        d = {k: s.files[k] for k in kinds}
-        if sidecar:
-            d["sidecar"] = s.sidecar
-        return d
-
-    return planned(files)
+def raw_inputs(*kinds):
+    """Input function: the subject's BIDS files of the given kinds."""
+    return planned(lambda wc: {k: PLAN.subjects[wc.stem].files[k] for k in kinds})
 
 
 def mem_per_attempt(mb):

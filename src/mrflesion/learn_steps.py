@@ -64,6 +64,7 @@ TRAIN_IMAGES = {
 #: (tests/test_train_workflow.py checks that it covers the others).
 READY_IMAGE = "NAWM"
 
+
 def ready_file(out_dir: str, stem: str) -> str:
     """The :data:`READY_IMAGE` of one subject (session)."""
     return f"{out_dir}/" + TRAIN_IMAGES[READY_IMAGE].format(stem=stem)
@@ -381,13 +382,16 @@ def training_set(smk: Any) -> None:
     for split in ("train", "val"):
         rows = []
         for s in smk.params.subjects[split]:
-            images = {k: v for k, v in s.items() if k != "subject"}
-            missing = [v for v in images.values() if not Path(v).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{s['subject']}: {missing[0]} is missing (rerun its chain)")
-            rows.append({"subject": s["subject"], "images": {
-                k: {"path": v, "bytes": Path(v).stat().st_size, "mtime": Path(v).stat().st_mtime}
-                for k, v in images.items()}})
+            images = {}
+            for k, v in s.items():
+                if k == "subject":
+                    continue
+                try:
+                    st = os.stat(v)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"{s['subject']}: {v} is missing (rerun its chain)") from None
+                images[k] = {"path": v, "bytes": st.st_size, "mtime": st.st_mtime}
+            rows.append({"subject": s["subject"], "images": images})
         record[split] = rows
     write_json(smk.output[0], record)
     print(f"training set: {len(record['train'])} training and {len(record['val'])} validation subjects")
@@ -396,17 +400,15 @@ def training_set(smk: Any) -> None:
 def model_record(smk: Any) -> None:
     """``models/models.json``: what inference and evaluation depend on, one entry per network (the
     weights' path and sha256, the training history, the training sidecar's summary). One small
-    record instead of the training jobs' outputs: Snakemake checks each consumer against its
-    producer's input list, and a training job lists every training image, so thousands of inference
-    jobs depending on it directly make planning quadratic; one file instead of one per network keeps
-    each inference job's input list short."""
+    file instead of every network's outputs keeps each of the thousands of inference jobs' input
+    lists short when a large cohort is planned."""
     record = {}
-    for net, best in zip(smk.params.networks, smk.input.best, strict=True):
-        best = Path(best)
-        side = json.loads(best.with_name("best.json").read_text())
+    inputs = zip(smk.params.networks, smk.input.best, smk.input.history, smk.input.sidecar, strict=True)
+    for net, best, history, sidecar in inputs:
+        side = json.loads(Path(sidecar).read_text())
         record[net] = {
-            "Weights": str(best), "WeightsSha256": hashlib.sha256(best.read_bytes()).hexdigest(),
-            "History": str(best.with_name("history.tsv")), "EpochsCompleted": side.get("EpochsCompleted"),
+            "Weights": str(best), "WeightsSha256": hashlib.sha256(Path(best).read_bytes()).hexdigest(),
+            "History": str(history), "EpochsCompleted": side.get("EpochsCompleted"),
             "BestEpoch": side.get("BestEpoch"), "BestValidationMetrics": side.get("BestValidationMetrics"),
         }
     write_json(smk.output[0], {"Networks": record})
