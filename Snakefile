@@ -40,10 +40,10 @@ if TRAINING.problem():
 rule all:
     default_target: True
     input:
-        # the subject reports depend on every participant-level output (listing those as well would only
-        # lengthen the plan of a large cohort)
+        # the group evaluation depends on every subject's evaluation job (reports included), which
+        # depends on every participant-level output (listing those as well would only lengthen the
+        # plan of a large cohort)
         rules.participant.input if TRAINING.problem() else [],
         rules.group.input,
         [] if TRAINING.problem() else rules.train.input,
-        [] if TRAINING.problem() else [EVAL.subject_outputs(s)["report"] for s in STEMS],
         [] if TRAINING.problem() else rules.group_evaluation.output,

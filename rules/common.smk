@@ -27,6 +27,15 @@ def planned(fn):
     return fn
 
 
+def siblings(**files):
+    """params: files a job reads that the job producing one of its declared inputs writes as well.
+    Declaring one output of each upstream job is enough: Snakemake reruns a job as a whole when any
+    of its outputs is missing or out of date, and its dependants after it. The others are passed as
+    params (the rule script reads both, mrflesion.steps.reads), which keeps the plan of a large
+    cohort short. `files`: name -> path pattern with {stem}."""
+    return planned(lambda wc: {k: v.format(stem=wc.stem) for k, v in files.items()})
+
+
 def raw_inputs(*kinds):
     """Input function: the subject's BIDS files of the given kinds."""
     return planned(lambda wc: {k: PLAN.subjects[wc.stem].files[k] for k in kinds})

@@ -1,39 +1,24 @@
-# Inference (one job per subject running every network, outputs in T2w space), per-subject evaluation with the
-# HTML report, and the group's per-site tables. See mrflesion.evaluate_steps.
+# Inference and per-subject evaluation with the HTML report (one job per subject), and the group's per-site
+# tables. See mrflesion.evaluate_steps.
 from mrflesion.evaluate_steps import EvaluationPlan
 
 EVAL = EvaluationPlan(PLAN, TRAINING, config, OUT, WORK)
 
 
-rule infer:
-    input:
-        unpack(planned(lambda wc: EVAL.infer_inputs(wc.stem))),
-    output:
-        **EVAL.infer_outputs("{stem}"),
-    params:
-        subject=planned(lambda wc: EVAL.infer_params(wc.stem)),
-        networks=EVAL.networks,
-        cfg=config["inference"],
-    threads: int(config["inference"]["threads"])
-    resources:
-        mem_mb=mem_per_attempt(3000),
-    log:
-        f"{WORK}/logs/infer/{{stem}}.log",
-    conda:
-        "../envs/learn.yaml"
-    script:
-        "../scripts/infer.py"
-
-
+# One job per subject: every trained network applied to the subject (a few seconds on a CPU), then its
+# evaluation and report.
 rule evaluate_subject:
     input:
         unpack(planned(lambda wc: EVAL.evaluate_inputs(wc.stem))),
     output:
+        **EVAL.network_outputs("{stem}"),
         **EVAL.subject_outputs("{stem}"),
     params:
         info=planned(lambda wc: EVAL.evaluate_params(wc.stem)),
+        inference=config["inference"],
         cfg=config["evaluation"],
         config=config,
+    threads: int(config["inference"]["threads"])
     resources:
         mem_mb=mem_per_attempt(3000),
     log:
@@ -48,9 +33,9 @@ rule group_evaluation:
     input:
         inputs=f"{OUT}/group/inputs.tsv",
         splits=f"{OUT}/group/splits.tsv",
-        metrics=[EVAL.subject_outputs(s)["metrics"] for s in STEMS],
+        # one output per subject's evaluation job (its metrics and curves tables, written by the same
+        # job, are params: fewer declared files keep planning a large cohort fast)
         json=[EVAL.subject_outputs(s)["json"] for s in STEMS],
-        curves=[EVAL.subject_outputs(s)["curves"] for s in STEMS],
     output:
         metrics=f"{OUT}/group/metrics.tsv",
         summary=f"{OUT}/group/summary_sites.tsv",
@@ -60,6 +45,8 @@ rule group_evaluation:
         times=f"{OUT}/group/times.tsv",
         report=f"{OUT}/group/report.html",
     params:
+        metrics=[EVAL.subject_outputs(s)["metrics"] for s in STEMS],
+        curves=[EVAL.subject_outputs(s)["curves"] for s in STEMS],
         splits=config["evaluation"]["summary_splits"],
         config=config,
     log:

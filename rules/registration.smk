@@ -19,10 +19,6 @@ rule register:
     input:
         unpack(raw_inputs("mrf", "t2w", "flair", "lesion")),
         T1=f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz",
-        T2star=f"{OUT}/{{stem}}_acq-MRFEPI_T2starmap.nii.gz",
-        B1=f"{OUT}/{{stem}}_acq-MRFEPI_TB1map.nii.gz",
-        M0=f"{OUT}/{{stem}}_acq-MRFEPI_M0map.nii.gz",
-        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
     output:
         rigid=f"{_XFM}_desc-rigid_xfm.mat",
         xfm_json=f"{_XFM}_xfm.json",
@@ -36,6 +32,13 @@ rule register:
         flair_xfm=f"{OUT}/{{stem}}_from-FLAIR_to-T2w_mode-image_xfm.mat",
         lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
     params:
+        # written by the qmri job with T1
+        siblings=siblings(
+            T2star=f"{OUT}/{{stem}}_acq-MRFEPI_T2starmap.nii.gz",
+            B1=f"{OUT}/{{stem}}_acq-MRFEPI_TB1map.nii.gz",
+            M0=f"{OUT}/{{stem}}_acq-MRFEPI_M0map.nii.gz",
+            mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
+        ),
         cfg=config["registration"],
     # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
     threads: 1

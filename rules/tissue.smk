@@ -5,14 +5,17 @@
 rule tissue:
     input:
         T1=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_T1map.nii.gz",
-        mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
-        lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
     output:
         GM=f"{OUT}/{{stem}}_space-T2w_label-GM_probseg.nii.gz",
         WM=f"{OUT}/{{stem}}_space-T2w_label-WM_probseg.nii.gz",
         CSF=f"{OUT}/{{stem}}_space-T2w_label-CSF_probseg.nii.gz",
         NAWM=f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz",
     params:
+        # written by the registration job with T1
+        siblings=siblings(
+            mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
+            lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
+        ),
         cfg=config["tissue"],
     # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
     threads: 1

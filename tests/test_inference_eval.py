@@ -146,9 +146,10 @@ def test_group_evaluation_writes_every_table(tmp_path, splits) -> None:
     out = {k: str(tmp_path / "group" / f"{k}.{'html' if k == 'report' else 'tsv'}") for k in names}
     (tmp_path / "group").mkdir()
     smk = SimpleNamespace(
-        input=SimpleNamespace(inputs=str(tmp_path / "inputs.tsv"), metrics=[str(f["metrics"]) for f in files],
-                              curves=[str(f["curves"]) for f in files], json=[str(f["json"]) for f in files]),
-        output=SimpleNamespace(**out), params=SimpleNamespace(splits=splits, config={"a": 1}))
+        input=SimpleNamespace(inputs=str(tmp_path / "inputs.tsv"), json=[str(f["json"]) for f in files]),
+        output=SimpleNamespace(**out),
+        params=SimpleNamespace(metrics=[str(f["metrics"]) for f in files], curves=[str(f["curves"]) for f in files],
+                               splits=splits, config={"a": 1}))
     ev.group_evaluation(smk)
     failed = pd.read_csv(out["failed"], sep="\t")
     assert list(failed.subject) == ["sub-09"] and "missing t2w" in failed.reason[0]

@@ -96,3 +96,40 @@ def test_missing_input_file_one_line(bids: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0
     lines = [line for line in proc.stderr.splitlines() if "sub-04" in line]
     assert lines == [f"mrflesion: skipping sub-04: missing lesion input: {mask}"]
+
+
+def test_siblings_are_written_with_a_declared_input(tmp_path: Path) -> None:
+    """A rule's `params.siblings` (rules/common.smk) must be outputs of the job that writes one of its
+    declared inputs: Snakemake reruns that job when any of its outputs is missing or out of date, so
+    the siblings exist and are up to date whenever the declared input is."""
+    from types import SimpleNamespace
+
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    stem = "sub-01/ses-a/anat/sub-01_ses-a"
+    config = {"output_dir": str(tmp_path / "out"), "work_dir": str(tmp_path / "work")}
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(config=config),
+                                snakefile=ROOT / "Snakefile", workdir=tmp_path)._workflow
+        rules = list(workflow.rules)
+
+        def files(declared) -> set[str]:  # a rule's paths of `stem` (not its input functions)
+            return {str(f.apply_wildcards({"stem": stem})) for f in declared
+                    if not f.is_callable() and set(f.get_wildcard_names()) <= {"stem"}}
+
+        checked = set()
+        for rule in rules:
+            params = dict(rule.params.items())
+            if "siblings" not in params:
+                continue
+            inputs = files(rule.input)
+            # the outputs of each rule that writes a declared input
+            producers = [files(p.output) for p in rules if files(p.output) & inputs]
+            siblings = params["siblings"](SimpleNamespace(stem=stem))
+            assert siblings, rule.name
+            for name, path in siblings.items():
+                assert any(path in outs for outs in producers), f"{rule.name}: sibling {name} ({path})"
+                assert path not in inputs, f"{rule.name}: {name} is declared too"
+            checked.add(rule.name)
+    assert checked == {"register", "tissue"}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_path, write_json
+from .steps import reads
 
 MAP_KEYS = ("T1", "T2star", "B1", "M0")
 MAP_UNITS = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)", "M0": "arbitrary"}
@@ -126,9 +127,10 @@ def register_mrf(smk: Any) -> None:
     cfg = smk.params.cfg
     pe = bool(cfg["phase_encode_stage"])
     full = bool(cfg["mrf_full_transform"])
-    maps = {k: smk.input[k] for k in MAP_KEYS}
+    f = reads(smk)
+    maps = {k: f[k] for k in MAP_KEYS}
     out = {k: smk.output[k] for k in smk.output.keys() if k not in ("flair_xfm", "lesion")}
-    info = register_mrf_to_t2w(maps, smk.input.mrf, smk.input.mask, smk.input.t2w, out,
+    info = register_mrf_to_t2w(maps, f["mrf"], f["mask"], f["t2w"], out,
                                phase_encode_stage=pe, mrf_full_transform=full, threads=int(smk.threads))
     res, timings = info["result"], _rounded(info["timings"])
     full_list = [os.fspath(p) for p in res.transforms(rigid_only=False)]
@@ -136,7 +138,7 @@ def register_mrf(smk: Any) -> None:
     write_json(smk.output.xfm_json, {
         "Description": "Registration of the MRF-EPI T1 map to the T2w image (ANTs, antspyx): rigid "
                        "(Mattes MI)" + (", then SyN restricted to the phase-encode axis" if pe else ""),
-        "Sources": [smk.input.T1, smk.input.t2w],
+        "Sources": [f["T1"], f["t2w"]],
         "Convention": "ANTs transform lists (apply in the order given, warp first): map T2w points to "
                       "MRF points, i.e. ants.apply_transforms(fixed=T2w, moving=MRF-space image, "
                       "transformlist=...).",
@@ -147,7 +149,7 @@ def register_mrf(smk: Any) -> None:
         "Interpolation": "BSpline",
         "TimingsSeconds": timings,
     })
-    xfm_common = {"Sources": [smk.input.T1, smk.input.t2w], "TimingsSeconds": timings}
+    xfm_common = {"Sources": [f["T1"], f["t2w"]], "TimingsSeconds": timings}
     write_json(_json_path(smk.output.rigid), {
         "Description": "Rigid MRF -> T2w transform (ITK/ANTs .mat; maps T2w points to MRF points)",
         "Units": "mm", **xfm_common})
@@ -163,18 +165,18 @@ def register_mrf(smk: Any) -> None:
         write_json(_json_path(smk.output[key]), {
             "Description": f"MRF {key} map resampled into T2w space (full transform, B-spline, "
                            "clipped at 0)",
-            "Units": MAP_UNITS[key], "Sources": [smk.input[key], smk.input.t2w, *full_list],
+            "Units": MAP_UNITS[key], "Sources": [f[key], f["t2w"], *full_list],
             "Interpolation": "BSpline", "TimingsSeconds": timings})
     write_json(_json_path(smk.output.MRF), {
         "Description": "Raw MRF-EPI series resampled into T2w space ("
                        + ("full transform" if full else "rigid part only: the EPI distortion is kept")
                        + ", B-spline, clipped at 0); network input",
-        "Units": "arbitrary", "Sources": [smk.input.mrf, smk.input.t2w, *mrf_list],
+        "Units": "arbitrary", "Sources": [f["mrf"], f["t2w"], *mrf_list],
         "Interpolation": "BSpline", "TimingsSeconds": timings})
     write_json(_json_path(smk.output.mask), {
         "Type": "Brain", "Description": "MRF brain mask resampled into T2w space (full transform, "
                                         "linear, >= 0.5)",
-        "Units": "1", "Sources": [smk.input.mask, smk.input.t2w, *full_list],
+        "Units": "1", "Sources": [f["mask"], f["t2w"], *full_list],
         "Voxels": info["mask_voxels"], "TimingsSeconds": timings})
     print(f"register_mrf: {timings}")
 
@@ -245,12 +247,13 @@ def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dic
 def tissue(smk: Any) -> None:
     """Rule ``tissue``: SPM-style tissue probabilities in T2w space."""
     cfg = smk.params.cfg
+    f = reads(smk)
     out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM")}
-    res = tissue_maps(smk.input.T1, smk.input.mask, smk.input.lesion, out, method=str(cfg["method"]),
+    res = tissue_maps(f["T1"], f["mask"], f["lesion"], out, method=str(cfg["method"]),
                       prior_fwhm_mm=float(cfg["prior_fwhm_mm"]), threads=int(smk.threads))
     timings = _rounded(res["timings"])
     fit = {k: v for k, v in res["info"].items() if isinstance(v, str | int | float | list | dict)}
-    sources = [smk.input.T1, smk.input.mask, "nilearn:MNI152 2009 GM/WM/brain mask (priors)"]
+    sources = [f["T1"], f["mask"], "nilearn:MNI152 2009 GM/WM/brain mask (priors)"]
     for k, path in out.items():
         desc = (f"{k} probability (posterior expected tissue fraction) from the T2w-space T1 map: "
                 f"MNI152 priors (FWHM {cfg['prior_fwhm_mm']} mm) + {cfg['method']} mixture with "
@@ -258,7 +261,7 @@ def tissue(smk: Any) -> None:
         src = sources
         if k == "NAWM":
             desc = "Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask"
-            src = [*sources, smk.input.lesion]
+            src = [*sources, f["lesion"]]
         write_json(_json_path(path), {"Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src,
                                       "Method": str(cfg["method"]), "Fit": fit,
                                       "MaskVoxels": res["mask_voxels"], "TimingsSeconds": timings})

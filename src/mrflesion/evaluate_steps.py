@@ -1,9 +1,9 @@
 """Rule bodies of inference, per-subject evaluation and the group tables (DESIGN.md section 5).
 
-* ``infer``: one subject x one network; outputs in T2w space, physical units, with sidecars
-  (:func:`output_files` names them: ``desc-<network label>`` where the label is the network name
-  without non-alphanumerics, e.g. ``MSE-2-1`` -> ``MSE21``).
-* ``evaluate_subject``: every network's outputs against (a) the pipeline's references as in the
+* ``evaluate_subject``, one job per subject: first every trained network applied to the subject
+  (:func:`apply_networks`; outputs in T2w space, physical units, with sidecars; :func:`output_files`
+  names them ``desc-<network label>``, the network name without non-alphanumerics, e.g. ``MSE-2-1``
+  -> ``MSE21``), then every network's outputs evaluated against (a) the pipeline's references as in the
   method (dictionary T1/T2* in T2w space, SPM-style NAWM/GM, the registered manual mask) and (b) the
   phantom's ground truth when the input is the phantom. Writes a long metrics TSV (network,
   reference, metric, value), the same as JSON, the threshold curves and per-lesion tables, and the
@@ -59,7 +59,7 @@ TRUTH_FILES = {
 }
 
 #: Conventional-chain rules whose Snakemake benchmark files give the per-subject timings.
-CHAIN_STEPS = ("check_inputs", "denoise", "match", "register", "tissue")
+CHAIN_STEPS = ("check_inputs", "qmri", "register", "tissue")
 
 
 def net_label(name: str) -> str:
@@ -90,8 +90,12 @@ def _sidecar_path(nifti: str | Path) -> Path:
     return Path(s[: -len(".nii.gz")] + ".json" if s.endswith(".nii.gz") else s + ".json")
 
 
-def infer(smk: Any) -> None:
-    """One subject through every trained network; NIfTI + sidecar per output (T2w grid)."""
+def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Mapping[str, Any]],
+                   outputs: Mapping[str, Mapping[str, str]], cfg: Mapping[str, Any], threads: int) -> dict[str, Any]:
+    """One subject through every trained network (``outputs``: network -> output name -> path); a NIfTI
+    and a JSON sidecar per output, on the T2w grid of ``images["mask"]``. ``models`` is the
+    ``Networks`` table of ``models/models.json``. Returns, per network, its model, training history,
+    output paths and timings."""
     import nibabel as nib
 
     from .io import save_nifti
@@ -99,15 +103,10 @@ def infer(smk: Any) -> None:
     from .learn.infer import infer_subject
     from .learn_steps import needed_images
 
-    cfg = smk.params.cfg
-    images = smk.params.subject["images"]  # under the declared input `ready` (see EvaluationPlan)
-    key = smk.params.subject["key"]
     ref = nib.load(images["mask"])
     cache: dict[Any, Any] = {}  # images loaded once for the networks that share them
-    record: dict[str, Any] = {"subject": key, "networks": {}}
-    models = json.loads(Path(smk.input.models).read_text())["Networks"]
-    for net in smk.params.networks:
-        label = net_label(net)
+    record: dict[str, Any] = {}
+    for net, paths in outputs.items():
         model = models[net]["Weights"]
         subject = {"subject": key, "mask": images["mask"]}
         ck = checkpoint.load(model)
@@ -116,27 +115,26 @@ def infer(smk: Any) -> None:
                 subject[k] = images[k]
         outs, rec = infer_subject(ck, subject, mode=str(cfg["mode"]), window=int(cfg["window"]),
                                   overlap=float(cfg["overlap"]), device=str(cfg["device"]),
-                                  threads=int(smk.threads), cache=cache)
+                                  threads=threads, cache=cache)
         for name, vol in outs.items():
-            path = smk.output[f"{label}_{name}"]
             img = nib.Nifti1Image(vol.astype(np.float32), ref.affine)
             img.header.set_xyzt_units("mm")
-            save_nifti(img, path)
-            write_json(_sidecar_path(path), {
+            save_nifti(img, paths[name])
+            write_json(_sidecar_path(paths[name]), {
                 "Description": f"U-net {rec['network']}: {name}",
                 "Units": UNITS[name],
                 "Space": "T2w",
                 "Sources": [str(model)] + [str(v) for k, v in subject.items() if k != "subject"],
                 "Inference": {k: v for k, v in rec.items() if k != "affine"},
             })
-        record["networks"][net] = {
+        record[net] = {
             "model": model, "history": models[net]["History"],
-            "outputs": {name: str(smk.output[f"{label}_{name}"]) for name in outs},
+            "outputs": {name: str(paths[name]) for name in outs},
             **{k: rec[k] for k in ("device", "mode", "load_seconds", "predict_seconds")},
         }
         print(f"{key} {rec['network']}: {rec['predict_seconds']:.2f} s prediction ({rec['device']}, "
               f"{rec['mode']}), {rec['load_seconds']:.2f} s loading")
-    write_json(smk.output.record, record)
+    return record
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -254,14 +252,20 @@ def provenance(config: Mapping[str, Any]) -> dict[str, str]:
 
 
 def evaluate_subject(smk: Any) -> None:
-    """Metrics, curves, lesion tables and the HTML report of one subject (all networks)."""
+    """Every trained network applied to one subject (:func:`apply_networks`), then its metrics,
+    curves, lesion tables and HTML report."""
     from .evaluate.report import NetworkResult, SubjectReport, write_subject_report
 
     # params.info: the subject's details (EvaluationPlan.evaluate_params); cfg: the evaluation config
     p = SimpleNamespace(**smk.params.info, cfg=smk.params.cfg, config=smk.params.config)
+    models = json.loads(Path(smk.input.models).read_text())["Networks"]
+    inferred = apply_networks(
+        p.key, p.images, models,
+        {net: {o: smk.output[f"{net_label(net)}_{o}"] for o in outs} for net, outs in p.networks.items()},
+        smk.params.inference, int(smk.threads))
     threshold = float(p.cfg["threshold"])
     tissue_threshold = float(p.cfg["tissue_threshold"])
-    f = p.files  # under the declared inputs `ready` and `inference` (see EvaluationPlan)
+    f = p.files  # under the declared input `ready` (see EvaluationPlan)
     brain_f, brain_img = _load(f["mask"])
     brain = brain_f > 0.5
     zooms = brain_img.header.get_zooms()[:3]
@@ -271,8 +275,6 @@ def evaluate_subject(smk: Any) -> None:
         t = {k: _load(v)[0] for k, v in p.truth.items()}
         refs["truth"] = {"T1": t["T1"], "T2star": t["T2star"], "GM": t["GM"], "lesion": t["lesion"],
                          "NAWM": t["WM"] * (t["lesion"] < 0.5)}
-    # the inference job's record names its outputs (written by the same job, so they exist with it)
-    inferred = json.loads(Path(smk.input.inference).read_text())["networks"]
     outputs: dict[str, dict[str, np.ndarray]] = {}
     infer_s: dict[str, float] = {}
     for net in p.networks:
@@ -360,8 +362,8 @@ def group_evaluation(smk: Any) -> None:
 
     p = smk.params
     metrics = pd.concat([pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=True)
-                         for f in smk.input.metrics], ignore_index=True)
-    curves = pd.concat([pd.read_csv(f, sep="\t", na_values=["n/a"]) for f in smk.input.curves], ignore_index=True)
+                         for f in p.metrics], ignore_index=True)
+    curves = pd.concat([pd.read_csv(f, sep="\t", na_values=["n/a"]) for f in p.curves], ignore_index=True)
     tables = group_tables(metrics, p.splits)
     inputs = pd.read_csv(smk.input.inputs, sep="\t", dtype=str, keep_default_na=False)
     failed = inputs[inputs["status"] != "ok"][["subject", "status", "reason"]].reset_index(drop=True)
@@ -436,35 +438,12 @@ class EvaluationPlan:
         :data:`mrflesion.learn_steps.READY_IMAGE`)."""
         return ready_file(self.out, stem)
 
-    def infer_inputs(self, stem: str) -> dict[str, str]:
-        """Declared inputs of a subject's inference job: ``models`` (the record ``models/models.json``
-        of every trained network, written after the weights; depending on it rather than on the
-        training jobs' outputs keeps planning linear in the cohort size) and ``ready``, the subject's
-        finished chain; the images the networks read are in :meth:`infer_params`."""
-        return {"models": self.models_record(), "ready": self.ready(stem)}
-
-    def infer_params(self, stem: str) -> dict[str, Any]:
-        """The subject's key and the T2w-space images (``mrf``, ``T1``, ``T2star``, ``mask``) the
-        networks read."""
-        from .learn_steps import needed_images
-
-        kinds = {k for n in self.networks for k in needed_images(self.training.networks[n])} | {"mask"}
-        return {"key": self.plan.subjects[stem].key,
-                "images": {k: f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem)
-                           for k in ("mrf", "T1", "T2star", "mask") if k in kinds}}
-
     def models_record(self) -> str:
         return f"{self.out}/models/models.json"
 
-    def inference_record(self, stem: str) -> str:
-        """The inference job's record of one subject (its outputs, models and timings, per network)."""
-        return f"{self.work}/inference/{stem}.json"
-
-    def infer_outputs(self, stem: str) -> dict[str, str]:
-        """Every network's output files of one subject, named ``<label>_<output>``, and the ``record``."""
-        d = {f"{net_label(n)}_{o}": f for n in self.networks for o, f in self.outputs(n, stem).items()}
-        d["record"] = self.inference_record(stem)
-        return d
+    def network_outputs(self, stem: str) -> dict[str, str]:
+        """Every network's output files of one subject, named ``<label>_<output>``."""
+        return {f"{net_label(n)}_{o}": f for n in self.networks for o, f in self.outputs(n, stem).items()}
 
     def outputs(self, network: str, stem: str) -> dict[str, str]:
         return output_files(self.out, stem, network, self.networks[network])
@@ -473,11 +452,13 @@ class EvaluationPlan:
         return f"{self.work}/benchmarks/{step}/{stem}.tsv"
 
     def evaluate_inputs(self, stem: str) -> dict[str, str]:
-        """Declared inputs of a subject's evaluation: ``ready`` (the finished chain: the references
-        and the registered MRF series), ``inference`` (the inference record: the network outputs and
-        models) and the phantom truth; the paths it reads are in :meth:`evaluate_params`. Few
-        declared inputs per subject keep planning a large cohort fast."""
-        d = {"ready": self.ready(stem), "inference": self.inference_record(stem)}
+        """Declared inputs of a subject's evaluation: ``models`` (the record ``models/models.json`` of
+        every trained network, written after the weights; depending on it rather than on the training
+        jobs' outputs keeps planning linear in the cohort size), ``ready`` (the finished chain: the
+        images the networks read, the references and the registered MRF series) and the phantom
+        truth; the paths it reads are in :meth:`evaluate_params`. Few declared inputs per subject keep
+        planning a large cohort fast."""
+        d = {"models": self.models_record(), "ready": self.ready(stem)}
         for k, f in self.truth_files(stem).items():
             d[f"truth_{k}"] = f
         return d
@@ -492,10 +473,18 @@ class EvaluationPlan:
         d.update(raw_mrf=s.files["mrf"], raw_t2w=s.files["t2w"], raw_flair=s.files["flair"])
         return d
 
+    def network_images(self, stem: str) -> dict[str, str]:
+        """The T2w-space images (``mrf``, ``T1``, ``T2star``, ``mask``) the networks read."""
+        from .learn_steps import needed_images
+
+        kinds = {k for n in self.networks for k in needed_images(self.training.networks[n])} | {"mask"}
+        return {k: f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem)
+                for k in ("mrf", "T1", "T2star", "mask") if k in kinds}
+
     def evaluate_params(self, stem: str) -> dict[str, Any]:
         """Everything the evaluation of one subject needs besides its files (one params callable)."""
         s = self.plan.subjects[stem]
-        return {
+        return {"images": self.network_images(stem),
             "key": s.key, "session": s.session, "site": s.site, "group": s.group or "n/a",
             "split": self.training.split_of.get(f"sub-{s.subject}", "n/a"),
             "networks": self.networks, "truth": self.truth_files(stem), "files": self.evaluate_files(stem),

@@ -130,6 +130,14 @@ def group_inputs(smk: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- quantitative maps
+def reads(smk: Any) -> dict[str, str]:
+    """The files a rule's job reads, by name: its named inputs and ``params.siblings``, the files
+    written by the same upstream job as one of its inputs (``siblings`` in rules/common.smk)."""
+    files = {k: os.fspath(v) for k, v in smk.input.items()}
+    files.update(getattr(smk.params, "siblings", None) or {})
+    return files
+
+
 def _sidecar_for(path: str, fields: dict[str, Any]) -> None:
     """Write ``<path without .nii.gz>.json`` next to a NIfTI output."""
     base = str(path)
@@ -162,19 +170,29 @@ def mrf_mask(mrf: str, out_mask: str) -> int:
     return int(mask.sum())
 
 
+def qmri(smk: Any) -> None:
+    """Rule ``qmri``: the MRF brain mask, MPPCA denoising inside it, then dictionary matching of the
+    denoised series."""
+    denoise(smk)
+    match(smk)
+
+
 def denoise(smk: Any) -> None:
-    """Rule ``denoise``: the MRF brain mask, then MPPCA denoising inside it (series and noise map)."""
+    """The MRF brain mask, then MPPCA denoising inside it (series and noise map); part of ``qmri``."""
     from .denoise import denoise_file
 
+    cfg = smk.params.denoise
+    t0 = time.perf_counter()
     voxels = mrf_mask(smk.input.mrf, smk.output.mask)
     print(f"brain mask: {voxels} voxels")
     stats = denoise_file(
         smk.input.mrf, smk.output.denoised, smk.output.sigma, mask_path=smk.output.mask,
-        patch_radius=int(smk.params.cfg["patch_radius"]), device=str(smk.params.cfg["device"]),
+        patch_radius=int(cfg["patch_radius"]), device=str(cfg["device"]),
     )
     common = {"Sources": [str(smk.input.mrf), str(smk.output.mask)], "SoftwareStep": "MPPCA", **_jsonable(stats)}
     _sidecar_for(smk.output.denoised, {"Description": "MPPCA-denoised MRF-EPI series", **common})
     _sidecar_for(smk.output.sigma, {"Description": "MPPCA noise standard deviation", "Units": "arbitrary", **common})
+    print(f"denoise: {time.perf_counter() - t0:.1f} s")
 
 
 def dictionary(smk: Any) -> None:
@@ -192,24 +210,29 @@ def dictionary(smk: Any) -> None:
 
 
 def match(smk: Any) -> None:
+    """Dictionary matching of the denoised series inside the brain mask; part of ``qmri``."""
     from .mrf.matching import match_file
 
-    cfg = smk.params.cfg
+    cfg = smk.params.matching
+    t0 = time.perf_counter()
+    f = {"mrf": smk.output.denoised, "mask": smk.output.mask, "sidecar": smk.input.sidecar,
+         "dictionary": smk.input.dictionary}
     out = {"T1": smk.output.T1, "T2star": smk.output.T2star, "B1": smk.output.B1, "M0": smk.output.M0,
            "quality": smk.output.quality}
     stats = match_file(
-        smk.input.mrf, smk.input.sidecar, smk.input.dictionary, out, mask_path=smk.input.mask,
+        f["mrf"], f["sidecar"], f["dictionary"], out, mask_path=f["mask"],
         mode=str(cfg["mode"]), device=str(cfg["device"]), block_voxels=int(cfg["block_voxels"]),
         threads=int(smk.threads), progress=True, refine=bool(cfg.get("refine", True)),
     )
-    sources = [smk.input.mrf, smk.input.sidecar, smk.input.mask]
+    sources = [f["mrf"], f["sidecar"], f["mask"]]
     units = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)",
              "M0": "arbitrary", "quality": "1 (cosine of the matched atom and the signal)"}
     for key, path in out.items():
         _sidecar_for(path, {
             "Description": f"MRF dictionary matching: {key}", "Units": units[key], "Sources": sources,
-            "Dictionary": str(smk.input.dictionary), **_jsonable(stats),
+            "Dictionary": f["dictionary"], **_jsonable(stats),
         })
+    print(f"match: {time.perf_counter() - t0:.1f} s")
 
 
 def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Rule script: see mrflesion.steps.denoise."""
+"""Rule script: see mrflesion.steps.qmri."""
 
 import sys
 from pathlib import Path
@@ -7,4 +7,4 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
 from mrflesion import steps  # noqa: E402
 
-steps.main(snakemake, "denoise")  # noqa: F821
+steps.main(snakemake, "qmri")  # noqa: F821
