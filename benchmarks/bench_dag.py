@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_dag.py --subjects 1000 --profile profiles/slurm [--repeat 3]
 
 Each repeat is a fresh `snakemake -n` process (Python start-up, parsing, discovery, DAG, the printed
-plan); the median and the slowest are reported.
+plan); the median and the slowest are reported, with the time of a fixed pure-Python loop before and
+after (the speed of a shared machine varies over time; compare runs at similar loop times).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bidsfixture import make_dataset  # noqa: E402
 
 
+def reference_loop() -> float:
+    """Seconds of a fixed pure-Python loop: this machine's speed at the time (shared VMs vary)."""
+    t0 = time.perf_counter()
+    s = 0
+    for i in range(10_000_000):
+        s += i * i % 7
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--subjects", type=int, default=1000)
@@ -38,6 +48,7 @@ def main() -> None:
         if args.profile:
             cmd += ["--profile", str(ROOT / args.profile)]
         times = []
+        loops = [reference_loop()]
         for i in range(args.repeat):
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -49,9 +60,11 @@ def main() -> None:
                 raise SystemExit("subjects were skipped: " + proc.stderr[-2000:])
             jobs = [line for line in proc.stdout.splitlines() if line.strip().startswith("total")]
             print(f"run {i + 1}: {times[-1]:.1f} s ({jobs[-1].strip() if jobs else '?'})", flush=True)
+        loops.append(reference_loop())
     elapsed = statistics.median(times)
     print(f"snakemake -n on {args.subjects} subjects: median {elapsed:.1f} s, slowest {max(times):.1f} s "
           f"over {len(times)} runs")
+    print(f"reference loop (machine speed) before/after: {loops[0]:.2f} / {loops[1]:.2f} s")
     print(f"target < 30 s (slowest run): {'PASS' if max(times) < 30 else 'FAIL'}")
 
 
