@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .io import write_json, write_text
-from .learn_steps import TRAIN_IMAGES, ready_file
+from .learn_steps import TRAIN_IMAGES, needed_images, ready_file
 
 #: Network outputs in T2w space, relative to output_dir (``{stem}``, ``{label}`` filled in).
 OUTPUT_FILES = {
@@ -423,6 +423,8 @@ class EvaluationPlan:
         self.cfg = config["evaluation"]
         self.networks: dict[str, list[str]] = {n: list(s["outputs"]) for n, s in training.networks.items()}
         check_labels(list(self.networks))
+        needed = {k for n in self.networks for k in needed_images(training.networks[n])} | {"mask"}
+        self.image_kinds = [k for k in ("mrf", "T1", "T2star", "mask") if k in needed]
         self.truth_dir = f"{plan.bids_dir}/derivatives/truth" if plan.phantom else None
 
     def truth_files(self, stem: str) -> dict[str, str]:
@@ -475,11 +477,7 @@ class EvaluationPlan:
 
     def network_images(self, stem: str) -> dict[str, str]:
         """The T2w-space images (``mrf``, ``T1``, ``T2star``, ``mask``) the networks read."""
-        from .learn_steps import needed_images
-
-        kinds = {k for n in self.networks for k in needed_images(self.training.networks[n])} | {"mask"}
-        return {k: f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem)
-                for k in ("mrf", "T1", "T2star", "mask") if k in kinds}
+        return {k: f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem) for k in self.image_kinds}
 
     def evaluate_params(self, stem: str) -> dict[str, Any]:
         """Everything the evaluation of one subject needs besides its files (one params callable)."""
