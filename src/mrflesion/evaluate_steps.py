@@ -101,7 +101,6 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
     from .io import save_nifti
     from .learn import checkpoint
     from .learn.infer import infer_subject
-    from .learn_steps import needed_images
 
     ref = nib.load(images["mask"])
     cache: dict[Any, Any] = {}  # images loaded once for the networks that share them
@@ -482,7 +481,8 @@ class EvaluationPlan:
     def evaluate_params(self, stem: str) -> dict[str, Any]:
         """Everything the evaluation of one subject needs besides its files (one params callable)."""
         s = self.plan.subjects[stem]
-        return {"images": self.network_images(stem),
+        return {
+            "images": self.network_images(stem),
             "key": s.key, "session": s.session, "site": s.site, "group": s.group or "n/a",
             "split": self.training.split_of.get(f"sub-{s.subject}", "n/a"),
             "networks": self.networks, "truth": self.truth_files(stem), "files": self.evaluate_files(stem),
