@@ -10,7 +10,14 @@ Rule A — ``lesionwise_metrics`` / ``lesion_table``
     lesions against the union of the predicted components that overlap some reference lesion (false
     positive components and missed lesions are left out; they are counted by FP and sensitivity).
     Empty cases: with no reference lesion, sensitivity and FPR are NaN (FP is still counted); with no
-    overlapping lesion the lesion Dice is NaN. The per-lesion table gives, for every reference
+    overlapping lesion the lesion Dice is NaN.
+    Lesion-wise F1 (detection; ``lesion_f1``): recall R = reference lesions overlapping a predicted
+    component / reference lesions (= sensitivity), precision P = predicted components overlapping a
+    reference lesion / predicted components, F1 = 2PR / (P + R) (computed from the counts as
+    2·a·b / (a·n_pred + b·n_ref), a and b the two numerators). Empty cases as in the Shifts challenge:
+    F1 = 1.0 when neither map has a lesion, 0.0 when exactly one has none, 0.0 when P = R = 0 (MSSEG-2
+    instead leaves F1 out for subjects without lesions and counts their false positives; here those are
+    ``fp``). The per-lesion table gives, for every reference
     lesion, its volume, whether it is detected and its Dice with the union of the predicted
     components overlapping it (0 when missed).
 
@@ -41,7 +48,8 @@ Rule B — ``msseg_detection`` (MSSEG 2016; Commowick et al., Sci Rep 8:13650, 2
     F1 is 0 when either of them is 0 (even if the other is NaN), NaN otherwise when either is NaN.
 
 Volume groups (seed 004): G1 < 0.2 ml, G2 0.2–0.7, G3 0.7–2, G4 2–5, G5 >= 5 ml (lower bounds
-inclusive).
+inclusive). ``group_detection`` gives per group the number of (cleaned, rule A) reference lesions and
+their detection rate (NaN for a group without lesions).
 """
 
 from __future__ import annotations
@@ -106,6 +114,41 @@ def volume_group(volume_ml: float | np.ndarray) -> str | np.ndarray:
     return str(out) if np.ndim(out) == 0 else out
 
 
+def group_detection(volume_ml: np.ndarray, detected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion count and detection rate per volume group, in the order of ``VOLUME_GROUPS``.
+
+    ``volume_ml`` and ``detected``: one entry per reference lesion (e.g. the ``volume_ml`` and
+    ``detected`` columns of ``lesion_table``). Returns (n, rate): n the number of lesions per group
+    (int64), rate the fraction detected (NaN for a group without lesions).
+    """
+    vol = np.asarray(volume_ml, dtype=np.float64).ravel()
+    det = np.asarray(detected).astype(bool, copy=False).ravel()
+    if vol.shape != det.shape:
+        raise ValueError(f"shape mismatch: {vol.shape[0]} volumes vs {det.shape[0]} detection flags")
+    idx = np.digitize(vol, VOLUME_GROUP_EDGES_ML, right=False)
+    n = np.bincount(idx, minlength=len(VOLUME_GROUPS)).astype(np.int64)
+    hit = np.bincount(idx[det], minlength=len(VOLUME_GROUPS)).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(n > 0, hit / np.maximum(n, 1), np.nan)
+    return n, rate
+
+
+def lesion_f1(n_ref: int, n_ref_detected: int, n_pred: int, n_pred_true: int) -> float:
+    """Lesion-wise detection F1 = 2PR / (P + R) from lesion counts (see the module docstring).
+
+    R = ``n_ref_detected / n_ref``, P = ``n_pred_true / n_pred``. 1.0 when ``n_ref == n_pred == 0``,
+    0.0 when exactly one of them is 0 or when nothing is detected.
+    """
+    n_ref, a, n_pred, b = int(n_ref), int(n_ref_detected), int(n_pred), int(n_pred_true)
+    if not (0 <= a <= n_ref and 0 <= b <= n_pred):
+        raise ValueError(f"invalid lesion counts: {a}/{n_ref} reference, {b}/{n_pred} predicted")
+    if n_ref == 0 and n_pred == 0:
+        return 1.0
+    if a == 0 or b == 0:  # includes exactly one map without lesions
+        return 0.0
+    return 2 * a * b / (a * n_pred + b * n_ref)
+
+
 # --------------------------------------------------------------------------- rule A
 
 
@@ -130,8 +173,8 @@ def lesionwise_metrics(
     """Rule A lesion-wise metrics (see the module docstring).
 
     Keys: n_ref, n_pred, tp, fn, fp, sensitivity, fpr, lesion_precision (predicted components that
-    overlap a reference lesion / predicted components), dice (over overlapping lesions only),
-    ref_volume_ml, pred_volume_ml (after cleaning).
+    overlap a reference lesion / predicted components; NaN with none), f1 (``lesion_f1``), dice (over
+    overlapping lesions only), ref_volume_ml, pred_volume_ml (after cleaning).
     """
     ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table = _rule_a(
         pred_bin, ref_bin, voxel_ml, min_ml, connectivity
@@ -157,6 +200,7 @@ def lesionwise_metrics(
         "sensitivity": tp / n_ref if n_ref else nan,
         "fpr": fp / n_ref if n_ref else nan,
         "lesion_precision": float(pred_hit.sum()) / n_pred if n_pred else nan,
+        "f1": lesion_f1(n_ref, tp, n_pred, int(pred_hit.sum())),
         "dice": lesion_dice,
         "ref_volume_ml": float(ref_sizes.sum()) * float(voxel_ml),
         "pred_volume_ml": float(pred_sizes.sum()) * float(voxel_ml),
