@@ -2,6 +2,8 @@
 
     problems = check_page(Path("report.html"), tmp_path / "report.png")
     assert problems == []
+    page = inspect_page(Path("report.html"), tmp_path / "first-screen.png", window=(1400, 900))
+    assert page.problems == [] and page.image("site-plots").bottom <= page.viewport[1]
 
 Debian's ``chromium`` is used (installed with apt-get when missing: directly when root, otherwise
 through ``sudo -n``); :class:`BrowserUnavailable` is raised when that is impossible, so that tests can
@@ -14,7 +16,9 @@ How the check works (verified with Chromium 156 on Debian 12):
   as possible (right after ``<head>``). The probe wraps ``console.error``, listens to ``error`` events
   (uncaught exceptions, script syntax errors and, in the capture phase, resources that fail to load)
   and ``unhandledrejection``; on ``load`` it reports every ``<img>`` that is not ``complete`` or has
-  ``naturalWidth === 0`` and then logs a final "loaded" line.
+  ``naturalWidth === 0``, logs the layout box of every ``<img>`` (JSON: index, id, alt, top, left,
+  bottom, right in CSS pixels of the viewport, natural size) and the viewport size, and then logs a final
+  "loaded" line.
 - Why a probe rather than the browser's own log: with ``--enable-logging=stderr --v=0`` this Chromium
   prints every console message of web content as ``INFO:CONSOLE:<line>] "<text>", source: <url>
   (<line>)`` whatever its level (``console.log`` and ``console.error`` look the same), and a missing
@@ -23,13 +27,17 @@ How the check works (verified with Chromium 156 on Debian 12):
 - ``--virtual-time-budget`` makes the headless browser run the page (load event, timers) before it
   takes the ``--screenshot``; the missing "loaded" line is itself a problem (the probe did not run).
 - The screenshot must exist, be a PNG (signature and decodable by matplotlib) and not be one flat
-  colour.
+  colour. It is ``window`` (width, height) pixels (default 1400 x 4000: most of a report; 1400 x 900 is
+  a laptop's first screen). Chromium 156's headless mode lays the page out in a viewport shorter than
+  the window (1400 x 757 for a 1400 x 900 window; the screenshot's bottom rows stay blank), so a
+  "first screen" check compares against the reported viewport height, the stricter of the two.
 """
 
 from __future__ import annotations
 
 import fcntl
 import html as html_lib
+import json
 import os
 import re
 import shutil
@@ -37,6 +45,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = ("chromium",)
@@ -52,11 +61,11 @@ FLAGS = (
     "--disable-extensions",
     "--no-first-run",
     "--hide-scrollbars",
-    "--window-size=1400,4000",
     "--enable-logging=stderr",
     "--v=0",
 )
 VIRTUAL_TIME_BUDGET_MS = 10000
+WINDOW = (1400, 4000)
 
 # Console line of this Chromium: [pid:tid:date:INFO:CONSOLE:12] "text", source: file:///x.html (12)
 # (older builds print CONSOLE(12) instead of CONSOLE:12).
@@ -94,12 +103,48 @@ _PROBE = """<script>
       if (!im.complete || im.naturalWidth === 0) {
         report("image", "broken <img> #" + i + " alt=" + flat(im.alt || "") + " src=" + flat(im.src).slice(0, 80));
       }
+      var b = im.getBoundingClientRect();
+      say(TAG + " img " + JSON.stringify({index: i, id: im.id || "", alt: flat(im.alt || ""), top: b.top,
+        left: b.left, bottom: b.bottom, right: b.right, natural_width: im.naturalWidth,
+        natural_height: im.naturalHeight}));
     }
+    say(TAG + " viewport " + JSON.stringify({width: window.innerWidth, height: window.innerHeight}));
     say(TAG + " loaded images=" + imgs.length);
   });
 })();
 </script>
 """
+
+
+@dataclass(frozen=True)
+class ImageBox:
+    """Layout box of an ``<img>`` after the load event, in CSS pixels of the viewport (top-left origin)."""
+
+    index: int
+    id: str
+    alt: str
+    top: float
+    left: float
+    bottom: float
+    right: float
+    natural_width: int
+    natural_height: int
+
+
+@dataclass
+class PageCheck:
+    """What :func:`inspect_page` saw: problems (empty = fine), image boxes and the viewport (w, h)."""
+
+    problems: list[str]
+    images: list[ImageBox] = field(default_factory=list)
+    viewport: tuple[int, int] = (0, 0)
+
+    def image(self, ident: str) -> ImageBox:
+        """The image with this ``id`` attribute (KeyError when there is none)."""
+        for im in self.images:
+            if im.id == ident:
+                return im
+        raise KeyError(f"no <img id={ident!r}> among {[im.id or im.alt for im in self.images]}")
 
 
 class BrowserUnavailable(RuntimeError):
@@ -227,7 +272,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tupl
         return None, out
 
 
-def check_page(html: Path, screenshot: Path, timeout: float = 60) -> list[str]:
+def check_page(html: Path, screenshot: Path, timeout: float = 60, window: tuple[int, int] = WINDOW) -> list[str]:
     """Open ``html`` in headless Chromium, save a screenshot and return the problems found (empty = fine).
 
     Problems: console errors, uncaught exceptions, resources that fail to load, broken ``<img>``
@@ -235,6 +280,11 @@ def check_page(html: Path, screenshot: Path, timeout: float = 60) -> list[str]:
     chromium failing or timing out, and a missing / invalid / flat screenshot.
     Raises :class:`BrowserUnavailable` when chromium cannot be installed.
     """
+    return inspect_page(html, screenshot, timeout, window).problems
+
+
+def inspect_page(html: Path, screenshot: Path, timeout: float = 60, window: tuple[int, int] = WINDOW) -> PageCheck:
+    """:func:`check_page` with the layout: the problems, every ``<img>``'s box and the viewport size."""
     exe = ensure_chromium()
     html = Path(html).resolve()
     screenshot = Path(screenshot).resolve()
@@ -255,6 +305,7 @@ def check_page(html: Path, screenshot: Path, timeout: float = 60) -> list[str]:
         cmd = [
             exe,
             *FLAGS,
+            f"--window-size={int(window[0])},{int(window[1])}",
             f"--user-data-dir={tmp / 'profile'}",
             f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}",
             f"--screenshot={screenshot}",
@@ -268,6 +319,8 @@ def check_page(html: Path, screenshot: Path, timeout: float = 60) -> list[str]:
     elif rc != 0:
         problems.append(f"chromium exited with {rc}: {log[-1500:]}")
     loaded = False
+    images: list[ImageBox] = []
+    viewport = (0, 0)
     for msg in console_messages(log):
         if not msg.startswith(TAG + " "):
             continue
@@ -276,7 +329,18 @@ def check_page(html: Path, screenshot: Path, timeout: float = 60) -> list[str]:
             loaded = True
         elif body.startswith("error "):
             problems.append(body[len("error ") :])
+        elif body.startswith(("img ", "viewport ")):
+            kind, _, text = body.partition(" ")
+            try:
+                data = json.loads(text)  # Chromium 156 logs the text as is (quotes unescaped)
+            except ValueError:
+                problems.append(f"unreadable {kind} line from the probe: {text[:200]}")
+                continue
+            if kind == "img":
+                images.append(ImageBox(**data))
+            else:
+                viewport = (int(data["width"]), int(data["height"]))
     if not loaded and rc == 0:
         problems.append("the page's load event was not observed (the probe script did not report)")
     problems += screenshot_problems(screenshot)
-    return problems
+    return PageCheck(problems, images, viewport)

@@ -155,3 +155,105 @@ def test_single_site_and_single_network():
     df3["value"] = 0.5
     assert (T.site_tests(df3)["reason"] == "all values identical").all()
     assert (T.normality(df3)["reason"] == "all values identical").all()
+
+
+def test_site_tests_need_a_site_with_two_values():
+    df = synthetic(n_per_site=(1, 1), n_nan=0)
+    out = T.site_tests(df)
+    assert (out["reason"] == "no site with 2 or more values").all() and out["p"].isna().all()
+    assert list(out.columns) == ["network", "metric", "test", "n_sites", "n", "n_nan", "statistic", "p", "reason"]
+    # one site with two values is enough (Kruskal-Wallis with samples of 2 and 1)
+    out = T.site_tests(synthetic(n_per_site=(2, 1), n_nan=0))
+    assert (out["reason"] == "").all() and out["p"].between(0, 1).all()
+
+
+def test_cohort_notes_say_once_why_a_family_cannot_run():
+    assert T.site_tests_note(synthetic()) is None
+    assert T.site_tests_note(synthetic(n_per_site=(2, 1))) is None
+    one_each = T.site_tests_note(synthetic(n_per_site=(1, 1), n_nan=0))
+    assert one_each == (
+        "Kruskal–Wallis across sites was not run: no site has two or more subjects "
+        "(subjects per site: site1 1, site2 1)."
+    )
+    single = T.site_tests_note(synthetic(sites=("site1",), n_per_site=(4,)))
+    assert single == (
+        "Kruskal–Wallis across sites was not run: it needs two or more sites, and the cohort has 1 (site1 4 subjects)."
+    )
+    # a site whose values are all NaN has no subject with data
+    df = synthetic(n_per_site=(3, 2), n_nan=0)
+    df.loc[df["site"] == "site2", "value"] = np.nan
+    assert "the cohort has 1 (site1 3 subjects)" in T.site_tests_note(df)
+    assert T.network_tests_note(synthetic()) is None
+    assert T.network_tests_note(synthetic(networks=("MSE-5",))) == (
+        "Mann–Whitney between networks was not run: 1 network(s) with values."
+    )
+    assert T.network_tests_note(synthetic(sites=("site1",), n_per_site=(1,), n_nan=0)) == (
+        "Mann–Whitney between networks was not run: 1 subject(s) with values."
+    )
+
+
+def test_ran_and_skipped_counts_the_rows_that_did_not_run():
+    df = synthetic(n_nan=0)
+    df.loc[df["metric"] == "ldr", "value"] = 0.5
+    table = T.site_tests(df)
+    ran, note = T.ran_and_skipped(table, "network × metric rows", "tests_sites.tsv")
+    assert len(ran) == 2 and (ran["metric"] == "dice").all() and list(ran.index) == [0, 1]
+    assert "reason" not in ran.columns and list(ran.columns) == list(table.columns)[:-1]
+    assert (
+        note
+        == "Not tested for 2 of 4 network × metric rows: all values identical: 2 (all rows are in tests_sites.tsv)."
+    )
+    ran, note = T.ran_and_skipped(T.site_tests(synthetic()), "rows")
+    assert len(ran) == 4 and note is None
+
+
+def _overview_metrics() -> pd.DataFrame:
+    rows = []
+
+    def add(subject, site, network, **metrics):
+        for k, v in metrics.items():
+            rows.append((subject, site, "test", network, "pipeline", k, v))
+
+    add("sub-02", "b", "LEAD", lw_n_ref=4, lw_sensitivity=0.25, lw_fp=6, lesion_ref_ml=2.5, lesion_dice=0.3,
+        lw_sensitivity_vt=0.75, lw_fp_vt=1, lesion_dice_vt=0.6)  # fmt: skip
+    add("sub-02", "b", "baseline", lw_n_ref=4, lesion_dice=0.4, lesion_ref_ml=2.5)
+    add("sub-01", "a", "LEAD", lw_n_ref=0, lw_sensitivity=np.nan, lw_fp=2, lesion_ref_ml=0.0, lesion_dice=np.nan)
+    add("sub-03", "a", "LEAD", lw_n_ref=3, lw_sensitivity=0.0, lw_fp=0, lesion_ref_ml=1.0, lesion_dice=0.0)
+    add("sub-04", "a", "OTHER", lw_n_ref=2, lesion_ref_ml=0.7)  # no metrics of the lead
+    return pd.DataFrame(rows, columns=["subject", "site", "split", "network", "reference", "metric", "value"])
+
+
+def test_subject_overview():
+    m = _overview_metrics()
+    inputs = pd.DataFrame(
+        {"subject": ["sub-01", "sub-09"], "site": ["a", "n/a"], "group": ["patient", "n/a"],
+         "status": ["ok", "skipped"], "reason": ["n/a", "missing t2w input"], "lesion_ml": ["0", "n/a"]}
+    )  # fmt: skip
+    ov = T.subject_overview(m, "LEAD", inputs=inputs)
+    assert list(ov.columns) == list(T.OVERVIEW_COLUMNS)
+    assert list(ov["subject"]) == ["sub-01", "sub-03", "sub-04", "sub-02", "sub-09"]  # by site, then subject
+    r = ov.set_index("subject")
+    assert (r.loc["sub-02", "lesions"], r.loc["sub-02", "detected"], r.loc["sub-02", "missed"]) == (4, 1, 3)
+    assert r.loc["sub-02", "false_positives"] == 6 and r.loc["sub-02", "lesion_ml"] == 2.5
+    assert r.loc["sub-02", "flags"] == (
+        "half or more of the lesions missed; more false positives than lesions; baseline Dice above LEAD"
+    )
+    assert r.loc["sub-01", "flags"] == "no reference lesions; false positives"
+    assert (r.loc["sub-01", "detected"], r.loc["sub-01", "missed"]) == (0, 0)
+    assert r.loc["sub-03", "flags"] == "all lesions missed"
+    assert r.loc["sub-04", "flags"] == "no LEAD metrics" and r.loc["sub-04", "lesion_ml"] == 0.7
+    assert pd.isna(r.loc["sub-04", "detected"]) and r.loc["sub-04", "lesions"] is pd.NA
+    assert r.loc["sub-09", "flags"] == "skipped: missing t2w input" and np.isnan(r.loc["sub-09", "lesion_ml"])
+    assert r.loc["sub-02", "split"] == "test" and pd.isna(r.loc["sub-02", "group"])
+    # at the validation-chosen threshold
+    vt = T.subject_overview(m, "LEAD", suffix="_vt").set_index("subject")
+    assert (vt.loc["sub-02", "detected"], vt.loc["sub-02", "missed"], vt.loc["sub-02", "false_positives"]) == (3, 1, 1)
+    assert vt.loc["sub-02", "flags"] == ""  # the lead's Dice at its threshold (0.6) beats the baseline's (0.4)
+    # another reference, none, empty
+    assert T.subject_overview(m, "LEAD", reference="truth")["lesions"].isna().all()
+    assert T.subject_overview(m.iloc[0:0], "LEAD").empty
+    none = T.subject_overview(m, None).set_index("subject")  # no lead: the reference's load only
+    assert (
+        none["detected"].isna().all() and none.loc["sub-02", "flags"] == "" and none.loc["sub-02", "lesion_ml"] == 2.5
+    )
+    assert none.loc["sub-01", "flags"] == "no reference lesions"

@@ -18,6 +18,13 @@ Conventions of the image mosaics:
   voxels. Differences (network − reference) use a diverging colour map, symmetric around zero at the
   99th percentile of |difference| (in ms for T1/T2*; capped at 1 for probabilities).
 - The lesion mask is ``probability >= threshold`` (the rule of :func:`mrflesion.evaluate.binarise`).
+- Outlines: the manual (reference) mask in cyan, the binarised prediction in magenta.
+
+The subject report opens with the lead network (the recommended one, the first of the config's
+``networks``): its lesion probability over FLAIR (in T2w space) and over the mean MRF image with both
+outlines, and its per-lesion detection table; then the input QC and every network in detail. The group
+report opens with per-site plots of the lesion metrics (one point per subject) and a one-row-per-subject
+overview; the long tables follow.
 
 Tables are plain HTML tables with escaped text; NaN / None show as "n/a", booleans as yes / no and
 floats with 4 significant digits.
@@ -58,6 +65,19 @@ REFERENCE_KIND = {
 }
 QC_ORDER = ("MRF", "T2w", "FLAIR")
 OVERLAY_MIN_PROB = 0.1  # probabilities below this are transparent in the overlay
+MANUAL_COLOUR = "cyan"  # outline of the manual (reference) lesion mask
+PRED_COLOUR = "#ff30e0"  # outline of the binarised prediction (magenta: apart from the red-yellow overlay)
+BASELINE = "baseline"  # the classical (no deep learning) lesion method, shown beside the networks
+#: Metrics of the group report's per-site plots: (metric, panel title, y range or None).
+SITE_PLOT_METRICS = (
+    ("lesion_dice", "lesion Dice", (0.0, 1.0)),
+    ("lesion_ldr", "lesion detection rate (LDR)", (0.0, 1.0)),
+    ("lw_f1", "lesion-wise F1", (0.0, 1.0)),
+    ("T1_mrd", "map accuracy: T1 mean rel. deviation\n(lower is better)", None),
+)
+#: Column headers of the group report's subject overview.
+OVERVIEW_HEADERS = {"lesion_ml": "lesion load (ml)", "false_positives": "false positives"}
+REFERENCE_LABEL = {"truth": "the phantom's ground truth", "pipeline": "the pipeline's references (manual mask)"}
 
 _CSS = """
 body { font-family: "DejaVu Sans", Arial, sans-serif; margin: 1.5em auto; max-width: 1250px; color: #222;
@@ -91,6 +111,7 @@ class NetworkResult:
     threshold: float
     inference_s: float
     description: str = ""
+    val_threshold: float | None = None  # lesion threshold chosen on the validation subjects, when known
 
 
 @dataclass
@@ -109,6 +130,12 @@ class SubjectReport:
     provenance: dict[str, str]
     truth_metrics: pd.DataFrame | None = None
     title: str = "mrflesion subject report"
+    #: the recommended network, shown first (None: the first network with a lesion output)
+    lead: str | None = None
+    #: FLAIR resampled into T2w space (None: the lead section shows the MRF underlay only, and says so)
+    flair: np.ndarray | None = None
+    #: voxel volume in ml (None: the lead's detection table is the network's own, at its 33 % threshold)
+    voxel_ml: float | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,8 +283,9 @@ def _encode(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{_esc(alt)}">'
+def _img(uri: str, alt: str, ident: str | None = None) -> str:
+    attr = f' id="{_esc(ident)}"' if ident else ""
+    return f'<img{attr} src="{uri}" alt="{_esc(alt)}">'
 
 
 def _as3d(a: np.ndarray) -> np.ndarray:
@@ -333,16 +361,21 @@ class _Row:
     overlay_cmap: object = "autumn"
     overlay_alpha: float = 0.65
     overlay_cbar: str | None = None
-    contour: np.ndarray | None = None
+    contour: np.ndarray | None = None  # outline drawn in MANUAL_COLOUR
+    contours: tuple[tuple[np.ndarray, str], ...] = ()  # further outlines (mask, colour)
 
 
-def _mosaic_figure(rows: Sequence[_Row]) -> str:
+def _mosaic_figure(
+    rows: Sequence[_Row], legend: Sequence[tuple[str, str]] = (), max_w: float = 8.7, max_h: float = 2.6
+) -> str:
     """PNG data URI of stacked mosaic rows (manual layout: faster and stabler than a layout engine).
 
     Each row is at most ``max_w`` inches wide and ``max_h`` high (aspect kept); the figure is as wide
-    as its widest row plus room for the colour bars.
+    as its widest row plus room for the colour bars. ``legend``: (label, colour) of the outlines, one
+    line under the rows.
     """
-    max_w, max_h, title_h, cbar_w = 8.7, 2.6, 0.3, 1.1
+    title_h, cbar_w = 0.3, 1.1
+    legend_h = 0.3 if legend else 0.0
     sizes = []
     for row in rows:
         nrow, ncol = row.image.shape
@@ -351,7 +384,7 @@ def _mosaic_figure(rows: Sequence[_Row]) -> str:
         sizes.append((w, w / aspect))
     mosaic_w = max(w for w, _ in sizes)
     width = mosaic_w + cbar_w + 0.1
-    total = sum(h for _, h in sizes) + title_h * len(rows) + 0.1
+    total = sum(h for _, h in sizes) + title_h * len(rows) + 0.1 + legend_h
     fig = _new_figure(width, total)
     top = total - 0.05
     for row, (w, h) in zip(rows, sizes, strict=True):
@@ -371,8 +404,12 @@ def _mosaic_figure(rows: Sequence[_Row]) -> str:
                 alpha=row.overlay_alpha,
                 interpolation="nearest",
             )
-        if row.contour is not None and np.any(row.contour > 0.5):
-            ax.contour(np.nan_to_num(row.contour), levels=[0.5], colors="cyan", linewidths=0.9)
+        # the manual outline is drawn wider and first, so that it shows around a coinciding prediction
+        outlines = [(row.contour, MANUAL_COLOUR, 1.6)] if row.contour is not None else []
+        outlines += [(mask, colour, 0.9) for mask, colour in row.contours]
+        for mask, colour, lw in outlines:
+            if np.any(np.nan_to_num(mask) > 0.5):
+                ax.contour(np.nan_to_num(mask), levels=[0.5], colors=colour, linewidths=lw)
         label = row.overlay_cbar if row.overlay is not None else row.cbar
         if label is not None:
             cax = fig.add_axes(((0.05 + w + 0.12) / width, (bottom + 0.1 * h) / total, 0.12 / width, 0.8 * h / total))
@@ -381,6 +418,19 @@ def _mosaic_figure(rows: Sequence[_Row]) -> str:
             cb.ax.tick_params(labelsize=7)
             cb.locator = MaxNLocator(5)
         top = bottom
+    if legend:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=c, linewidth=2, label=label) for label, c in legend]
+        fig.legend(
+            handles=handles,
+            loc="lower left",
+            bbox_to_anchor=(0.05 / width, 0.0),
+            ncol=len(handles),
+            fontsize=8,
+            frameon=False,
+            handlelength=1.5,
+        )
     return _encode(fig)
 
 
@@ -569,6 +619,178 @@ def _history_figure(history: pd.DataFrame, name: str) -> str:
 # subject report
 
 
+def lead_network(r: SubjectReport) -> tuple[NetworkResult | None, str]:
+    """The network of the report's lead section and a note when it is not the recommended one.
+
+    The recommended network is ``r.lead``; when that is unset, absent or has no lesion output, the
+    first network with a lesion output stands in (and the note says so).
+    """
+    with_lesion = [n for n in r.networks if "lesion" in n.outputs]
+    named = next((n for n in r.networks if n.name == r.lead), None) if r.lead is not None else None
+    if named is not None and "lesion" in named.outputs:
+        return named, ""
+    if r.lead is None:
+        why = ""
+    elif named is None:
+        why = f"the recommended network {r.lead} has no results for this subject"
+    else:
+        why = f"the recommended network {r.lead} has no lesion output"
+    if not with_lesion:
+        return None, (why + "; " if why else "") + "no network has a lesion output"
+    return with_lesion[0], (f"{why}: showing {with_lesion[0].name} instead" if why else "")
+
+
+def _lead_threshold(net: NetworkResult) -> tuple[float, str]:
+    """The lead's threshold for its binarised prediction, and how it was chosen (for the captions)."""
+    vt = net.val_threshold
+    if vt is not None and not _is_missing(vt) and 0.0 < float(vt) <= 1.0:
+        return float(vt), f"its validation-chosen threshold {float(vt):.3g}"
+    return float(net.threshold), f"the default threshold {float(net.threshold):.3g} (no validation threshold known)"
+
+
+def _lead_detection(
+    r: SubjectReport, net: NetworkResult, manual: np.ndarray, pred: np.ndarray, threshold: float
+) -> tuple[pd.DataFrame, float, str]:
+    """(per reference lesion table, false-positive component count, caption) at ``threshold``.
+
+    With the voxel volume known, the table is computed here at the lead's threshold (rule A:
+    26-connected components of at least 0.01 ml, a lesion is detected when a predicted component
+    overlaps it); otherwise the network's own table and ``lw_fp`` metric (at ``net.threshold``) are used.
+    """
+    cols = ["lesion", "volume (ml)", "detected", "Dice"]
+    if r.voxel_ml is not None and not _is_missing(r.voxel_ml) and r.voxel_ml > 0:
+        from .lesionwise import lesion_table, lesionwise_metrics
+
+        table = lesion_table(pred, manual, float(r.voxel_ml))
+        fp = float(lesionwise_metrics(pred, manual, float(r.voxel_ml))["fp"])
+        df = pd.DataFrame(
+            {
+                "lesion": table["lesion_id"],
+                "volume (ml)": table["volume_ml"],
+                "size group": table["group"],
+                "detected": table["detected"].astype(bool),
+                "Dice": table["dice"],
+            }
+        )
+        how = (
+            f"at threshold {threshold:.3g} (rule A: 26-connected components of at least 0.01 ml; a reference "
+            "lesion is detected when a predicted component overlaps it)"
+        )
+        return df, fp, how
+    les = net.lesions if net.lesions is not None else pd.DataFrame()
+    les = les.rename(columns={"lesion_id": "lesion", "volume_ml": "volume (ml)", "dice": "Dice"})
+    df = les[[c for c in cols if c in les.columns]].reset_index(drop=True)
+    fp = float(net.metrics.get("lw_fp", math.nan))
+    how = f"as evaluated at the network's threshold {float(net.threshold):.3g} (voxel size unknown here)"
+    return df, fp, how
+
+
+#: Lesion metrics of the lead's summary line: (metric, label).
+LEAD_METRICS = (
+    ("lesion_dice", "lesion Dice"),
+    ("lesion_ldr", "lesion detection rate"),
+    ("lw_f1", "lesion-wise F1"),
+    ("lw_fp", "false-positive components"),
+    ("lesion_ref_ml", "manual lesion volume (ml)"),
+    ("lesion_pred_ml", "predicted lesion volume (ml)"),
+)
+
+
+def _lead_metrics_table(net: NetworkResult) -> str:
+    m = net.metrics
+    vt = any(f"{k}_vt" in m for k, _ in LEAD_METRICS)
+    rows = []
+    for key, label in LEAD_METRICS:
+        if key not in m and f"{key}_vt" not in m:
+            continue
+        row = [label, m.get(key, math.nan)]
+        if vt:
+            row.append(m.get(f"{key}_vt", math.nan))
+        rows.append(row)
+    if not rows:
+        return ""
+    cols = ["metric", f"at {float(net.threshold):.3g}"] + (["at the validation threshold"] if vt else [])
+    return html_table(pd.DataFrame(rows, columns=cols), caption="against the manual mask")
+
+
+def _lead_section(r: SubjectReport) -> str:
+    """The report's first section: the lead network's lesion probability over FLAIR and MRF with the
+    manual and predicted outlines, and its per-lesion detection table."""
+    net, note = lead_network(r)
+    parts = [f'<h2 id="lesions">Lesions ({_esc(net.name if net else "no lesion network")})</h2>']
+    if note:
+        parts.append(_note(note))
+    if net is None:
+        return "\n".join(parts)
+    threshold, how = _lead_threshold(net)
+    prob = np.nan_to_num(_as3d(net.outputs["lesion"]))
+    under = _as3d(r.underlay)
+    manual = np.nan_to_num(_as3d(r.manual)) if r.manual is not None else np.zeros(prob.shape)
+    if manual.shape != prob.shape:
+        manual = np.zeros(prob.shape)
+    manual_bin = manual >= 0.5
+    pred = prob >= threshold
+    underlays: list[tuple[str, np.ndarray]] = []
+    if r.flair is not None and _as3d(r.flair).shape == prob.shape:
+        underlays.append(("FLAIR (T2w space)", _as3d(r.flair)))
+    else:
+        why = "not available" if r.flair is None else f"of shape {_as3d(r.flair).shape}, not {prob.shape}"
+        parts.append(_note(f"FLAIR in T2w space {why}: the probability is shown over the mean MRF image only."))
+    if under.shape == prob.shape:
+        underlays.append(("mean MRF", under))
+    if not underlays:
+        parts.append(_note(f"no underlay of the probability map's shape {prob.shape}"))
+    else:
+        prefer = manual_bin if manual_bin.any() else pred
+        zs = slice_indices(underlays[-1][1], prefer=prefer.astype(np.float64))
+        where = ", ".join(map(str, zs))
+        prob_m = mosaic(prob, zs)
+        prob_m = np.ma.masked_where(~(prob_m >= OVERLAY_MIN_PROB), prob_m)
+        man_m = mosaic(manual_bin.astype(np.float64), zs)
+        pred_m = mosaic(pred.astype(np.float64), zs)
+        rows = []
+        for label, vol in underlays:
+            lo, hi = robust_window(vol)
+            rows.append(
+                _Row(
+                    mosaic(vol, zs),
+                    f"{net.name}: lesion probability over {label}, slices {where}",
+                    vmin=lo,
+                    vmax=hi,
+                    overlay=prob_m,
+                    overlay_cmap="autumn",
+                    overlay_alpha=0.55,
+                    overlay_cbar="lesion probability",
+                    contour=man_m,
+                    contours=((pred_m, PRED_COLOUR),),
+                )
+            )
+        legend = [
+            ("manual mask" if manual_bin.any() else "manual mask (empty)", MANUAL_COLOUR),
+            (f"{net.name} at {threshold:.3g}", PRED_COLOUR),
+        ]
+        fig = _mosaic_figure(rows, legend, max_w=13.0, max_h=3.0)
+        parts.append(_img(fig, f"{net.name}: lesion probability with outlines", ident="lead-lesions"))
+        parts.append(
+            f"<p>{_esc(net.name)} lesion probability (≥ {OVERLAY_MIN_PROB:g} shown, red to yellow) over "
+            f"{_esc(' and '.join(label for label, _ in underlays))}, axial slices {_esc(where)}. Outlines: "
+            f"manual mask (cyan, {int(manual_bin.sum())} voxels) and the prediction binarised at "
+            f"{_esc(how)} (magenta, {int(pred.sum())} voxels).</p>"
+        )
+    table, fp, det_how = _lead_detection(r, net, manual_bin, pred, threshold)
+    parts.append("<h3>Lesion detection</h3>")
+    n = len(table)
+    n_det = int(table["detected"].astype(bool).sum()) if "detected" in table.columns and n else 0
+    fp_text = "an unknown number of" if _is_missing(fp) else str(int(fp))
+    parts.append(
+        f"<p>{n_det} of {n} reference lesion{'s' if n != 1 else ''} detected, {_esc(fp_text)} false-positive "
+        f"component{'s' if fp != 1 else ''}, {_esc(det_how)}.</p>"
+    )
+    parts.append(html_table(table) if n else _note("no reference lesions (manual mask empty)"))
+    parts.append(_lead_metrics_table(net))
+    return "\n".join(p for p in parts if p)
+
+
 def _ordered_outputs(outputs: Mapping[str, np.ndarray]) -> list[str]:
     return [n for n in OUTPUT_ORDER if n in outputs] + sorted(n for n in outputs if n not in OUTPUT_ORDER)
 
@@ -577,9 +799,10 @@ def _network_section(r: SubjectReport, net: NetworkResult) -> str:
     parts = [f'<h2 id="{_anchor("net-" + net.name)}">Network {_esc(net.name)}</h2>']
     if net.description:
         parts.append(f"<p>{_esc(net.description)}</p>")
+    vt = "" if net.val_threshold is None else f" (validation-chosen: {format_value(net.val_threshold)})"
     parts.append(
         f"<p>Inference: {_esc(format_value(net.inference_s))} s; lesion threshold "
-        f"{_esc(format_value(net.threshold))}.</p>"
+        f"{_esc(format_value(net.threshold))}{_esc(vt)}.</p>"
     )
     for name in _ordered_outputs(net.outputs):
         parts.append(f"<h3>{_esc(name)}</h3>")
@@ -597,7 +820,10 @@ def _network_section(r: SubjectReport, net: NetworkResult) -> str:
     else:
         parts.append(_note("this network has no lesion output (no overlay, threshold curves or lesion table)"))
     parts.append("<h3>Training curves</h3>")
-    parts.append(_history_figure(net.history, net.name))
+    if net.name == BASELINE and (net.history is None or net.history.empty):
+        parts.append(_note("classical baseline: no training"))
+    else:
+        parts.append(_history_figure(net.history, net.name))
     parts.append("<h3>Metrics</h3>")
     parts.append(_kv_table(((k, v) for k, v in net.metrics.items()), ("metric", "value")))
     return "\n".join(parts)
@@ -652,11 +878,14 @@ def render_subject_report(r: SubjectReport) -> str:
             ("field", "value"),
         )
     )
-    toc = [("qc", "Input QC")] + [(_anchor("net-" + n.name), f"Network {n.name}") for n in r.networks]
+    lead, _ = lead_network(r)
+    toc = [("lesions", f"Lesions ({lead.name if lead else 'no lesion network'})"), ("qc", "Input QC")]
+    toc += [(_anchor("net-" + n.name), f"Network {n.name}") for n in r.networks]
     if r.truth_metrics is not None:
         toc.append(("truth", "Phantom ground truth"))
     toc += [("timings", "Timings"), ("provenance", "Provenance")]
     body.append("<nav><ul>" + "".join(f'<li><a href="#{a}">{_esc(t)}</a></li>' for a, t in toc) + "</ul></nav>")
+    body.append(_lead_section(r))
     body.append('<h2 id="qc">Input QC</h2>')
     body.append(_qc_section(r.qc))
     if not r.networks:
@@ -732,30 +961,235 @@ def _cohort_figure(curves: pd.DataFrame, network: str) -> str:
     return _img(_encode(fig), f"{network}: cohort Dice vs threshold per site")
 
 
+def network_order(present: Iterable[object], order: Sequence[str] = (), lead: str | None = None) -> list[str]:
+    """The networks of ``present`` in display order: ``lead`` first, then those of ``order`` (the
+    config's order), then the others as they come, the baseline last."""
+    names = list(dict.fromkeys(str(n) for n in present))
+    out = [n for n in order if n in names] + [n for n in names if n not in order]
+    out = [n for n in out if n != BASELINE] + ([BASELINE] if BASELINE in names else [])
+    if lead is not None and lead in out:
+        out.remove(lead)
+        out.insert(0, lead)
+    return out
+
+
+def plot_reference(metrics: pd.DataFrame) -> str:
+    """The reference of the group plots: ``truth`` (phantom ground truth) when the table has finite
+    values against it, else ``pipeline``."""
+    if "reference" in metrics.columns:
+        truth = metrics[metrics["reference"] == "truth"]
+        if pd.to_numeric(truth["value"], errors="coerce").notna().any():
+            return "truth"
+    return "pipeline"
+
+
+_SITE_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+def _site_figure(data: pd.DataFrame, networks: Sequence[str], lead: str | None) -> str:
+    """Per-site strip plots: one panel per metric of SITE_PLOT_METRICS, x = network, one point per
+    subject (colour and offset = site), a bar at each site's median. Sized to fit a 1400x900 screen."""
+    sites = sorted(data["site"].astype(str).unique())
+    colour = {s: _SITE_COLOURS[i % len(_SITE_COLOURS)] for i, s in enumerate(sites)}
+    n_sub = data.dropna(subset=["value"]).groupby(data["site"].astype(str))["subject"].nunique()
+    panel_w, left, gap = 3.75, 0.6, 0.15
+    width = panel_w * len(SITE_PLOT_METRICS)
+    legend_h, title_h, ax_h, bottom = 0.4, 0.5, 3.0, 1.0
+    height = legend_h + title_h + ax_h + bottom
+    fig = _new_figure(width, height)
+    k = len(sites)
+    dx = min(0.7 / max(k, 1), 0.22)
+    xs = np.arange(len(networks), dtype=np.float64)
+    for p, (metric, label, ylim) in enumerate(SITE_PLOT_METRICS):
+        ax = fig.add_axes(
+            ((p * panel_w + left) / width, bottom / height, (panel_w - left - gap) / width, ax_h / height)
+        )
+        ax.set_title(label, fontsize=11)
+        md = data[data["metric"] == metric]
+        md = md.assign(value=pd.to_numeric(md["value"], errors="coerce"))
+        if not md["value"].notna().any():
+            ax.text(
+                0.5,
+                0.5,
+                f"{metric}: no values\nin the metrics table",
+                ha="center",
+                va="center",
+                fontsize=10,
+                color="#666",
+                transform=ax.transAxes,
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        if lead is not None and networks and networks[0] == lead:
+            ax.axvspan(-0.5, 0.5, color="#fff1bf", zorder=0, linewidth=0)
+        if len(networks) > 1 and networks[-1] == BASELINE:
+            ax.axvline(len(networks) - 1.5, color="#999", linestyle=":", linewidth=0.8)
+        for i, net in enumerate(networks):
+            nd = md[(md["network"].astype(str) == net) & md["value"].notna()]
+            if nd.empty:
+                ax.text(
+                    i,
+                    0.03,
+                    "n/a",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color="#888",
+                    transform=ax.get_xaxis_transform(),
+                )
+                continue
+            for j, site in enumerate(sites):
+                v = np.sort(nd.loc[nd["site"].astype(str) == site, "value"].to_numpy(dtype=np.float64))
+                if v.size == 0:
+                    continue
+                x0 = i + (j - (k - 1) / 2) * dx
+                jitter = (np.arange(v.size) - (v.size - 1) / 2) * (0.5 * dx / max(v.size, 1))
+                ax.scatter(x0 + jitter, v, s=24, color=colour[site], edgecolors="white", linewidths=0.4, zorder=3)
+                if v.size > 1:  # a single point is its own median
+                    ax.plot([x0 - 0.4 * dx, x0 + 0.4 * dx], [np.median(v)] * 2, color="#222", linewidth=1.2, zorder=4)
+        ax.set_xlim(-0.5, len(networks) - 0.5)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(networks, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+        for tick, net in zip(ax.get_xticklabels(), networks, strict=True):
+            if net == lead:
+                tick.set_fontweight("bold")
+            elif net == BASELINE:
+                tick.set_fontstyle("italic")
+        if ylim is not None:
+            ax.set_ylim(ylim[0] - 0.04, ylim[1] + 0.04)
+        else:
+            top = float(np.nanmax(md["value"].to_numpy(dtype=np.float64)))
+            ax.set_ylim(0.0, top * 1.1 if top > 0 else 1.0)
+        ax.tick_params(axis="y", labelsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], linestyle="", marker="o", markersize=7, color=colour[s], label=f"{s} (n={int(n_sub.get(s, 0))})")
+        for s in sites
+    ] + [Line2D([], [], color="#222", linewidth=1.2, label="site median")]
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=min(len(handles), 8),
+        fontsize=10,
+        frameon=False,
+        handletextpad=0.3,
+        columnspacing=1.2,
+    )
+    return _img(
+        _encode(fig), "per-site lesion Dice, LDR, lesion-wise F1 and T1 deviation per network", ident="site-plots"
+    )
+
+
+def _site_plots_section(
+    metrics: pd.DataFrame, networks: Sequence[str], lead: str | None, reference: str | None, threshold: float | None
+) -> list[str]:
+    out = ['<h2 id="site-plots-title">Lesion metrics per site</h2>']
+    need = {"subject", "site", "network", "metric", "value"}
+    if metrics.empty or not need <= set(metrics.columns):
+        out.append(_note("no per-subject metrics" if metrics.empty else f"metrics table lacks {sorted(need)}"))
+        return out
+    ref = reference or plot_reference(metrics)
+    data = metrics[metrics["reference"] == ref] if "reference" in metrics.columns else metrics
+    order = network_order(data["network"], networks, lead)
+    out.append(_site_figure(data, order, lead))
+    missing = [m for m, _, _ in SITE_PLOT_METRICS if m not in set(data["metric"])]
+    lead_text = (
+        f"{lead} (bold, shaded) is the recommended network (first in the configuration). " if lead in order else ""
+    )
+    base_text = (
+        "baseline (italic, last) is the classical lesion method without deep learning (lesion output only). "
+        if BASELINE in order
+        else ""
+    )
+    out.append(
+        f"<p>One point per subject (colour = site), against {_esc(REFERENCE_LABEL.get(ref, ref))} "
+        f"(reference <code>{_esc(ref)}</code>), lesion maps binarised at "
+        + (f"{threshold:.3g}" if threshold is not None else "the default threshold")
+        + "; black bars: "
+        f"site medians (of two or more subjects). {_esc(lead_text)}{_esc(base_text)}"
+        + (f"Not in the metrics table: {_esc(', '.join(missing))}." if missing else "")
+        + "</p>"
+    )
+    return out
+
+
+def _section_items(value: object) -> list[str]:
+    """HTML of one group-report section: a table, a sentence, or a list of them (an empty table says
+    "empty")."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(f"<p>{_esc(item)}</p>")
+        elif item is None or item.empty:
+            out.append(_note("empty"))
+        else:
+            out.append(html_table(item))
+    return out
+
+
+GroupSection = pd.DataFrame | str | Sequence[pd.DataFrame | str]
+
+
 def render_group_report(
-    tables: Mapping[str, pd.DataFrame],
+    tables: Mapping[str, GroupSection],
     curves: pd.DataFrame | None = None,
     provenance: Mapping[str, str] | None = None,
     *,
     title: str = "mrflesion group report",
     notes: Sequence[str] = (),
+    metrics: pd.DataFrame | None = None,
+    overview: pd.DataFrame | None = None,
+    lead: str | None = None,
+    networks: Sequence[str] = (),
+    reference: str | None = None,
+    threshold: float | None = None,
+    overview_caption: str = "",
 ) -> str:
     """The cohort report as one self-contained HTML document.
 
-    ``tables``: section title -> table, shown in order (an empty table says "empty"). ``curves``: long
-    table with columns site, network, subject, threshold, dice (optionally detection_rate or ldr); one
-    plot per network shows the mean per site with a ±sd band where more than one subject has a value.
+    Order: title and ``notes``; the per-site plots of ``metrics`` (long table subject, site, network,
+    reference, metric, value; one panel per metric of :data:`SITE_PLOT_METRICS`, against ``reference``,
+    by default ``truth`` when present else ``pipeline``; networks in :func:`network_order` of
+    ``networks`` with ``lead`` first and the baseline last; ``threshold``, the lesion threshold of
+    these metrics, for the caption); the one-row-per-subject ``overview`` (see
+    :func:`mrflesion.evaluate.tables.subject_overview`) with ``overview_caption`` under it;
+    then ``tables`` (section title -> a table, a sentence, or a list of both; an empty table says
+    "empty"), the cohort threshold curves and the provenance. ``curves``: long table with columns
+    site, network, subject, threshold, dice (optionally detection_rate or ldr); one plot per network
+    shows the mean per site with a ±sd band where more than one subject has a value.
     """
     body = [f"<h1>{_esc(title)}</h1>"]
     body += [f"<p>{_esc(n)}</p>" for n in notes]
-    toc = [(_anchor("t-" + t), t) for t in tables] + [
-        ("curves", "Cohort threshold curves"),
-        ("provenance", "Provenance"),
-    ]
+    if metrics is not None:
+        body += _site_plots_section(metrics, networks, lead, reference, threshold)
+    toc = ([("overview", "Subjects")] if overview is not None else []) + [(_anchor("t-" + t), t) for t in tables]
+    toc += [("curves", "Cohort threshold curves"), ("provenance", "Provenance")]
     body.append("<nav><ul>" + "".join(f'<li><a href="#{a}">{_esc(t)}</a></li>' for a, t in toc) + "</ul></nav>")
-    for name, df in tables.items():
+    if overview is not None:
+        body.append('<h2 id="overview">Subjects</h2>')
+        shown = overview.rename(columns=OVERVIEW_HEADERS)
+        body.append(html_table(shown) if not overview.empty else _note("no subjects"))
+        if overview_caption:
+            body.append(f"<p>{_esc(overview_caption)}</p>")
+    for name, value in tables.items():
         body.append(f'<h2 id="{_anchor("t-" + name)}">{_esc(name)}</h2>')
-        body.append(html_table(df) if df is not None and not df.empty else _note("empty"))
+        body += _section_items(value)
     body.append('<h2 id="curves">Cohort threshold curves</h2>')
     if curves is None or curves.empty:
         body.append(_note("no threshold curves"))
@@ -764,7 +1198,7 @@ def render_group_report(
         if missing:
             raise ValueError(f"cohort curves lack columns: {missing}")
         curves = curves.assign(network=curves["network"].astype(str))
-        for network in sorted(curves["network"].unique()):
+        for network in network_order(sorted(curves["network"].unique()), networks, lead):
             body.append(f"<h3>{_esc(network)}</h3>")
             body.append(_cohort_figure(curves, network))
     body.append('<h2 id="provenance">Provenance</h2>')
@@ -773,13 +1207,34 @@ def render_group_report(
 
 
 def write_group_report(
-    tables: Mapping[str, pd.DataFrame],
+    tables: Mapping[str, GroupSection],
     curves: pd.DataFrame | None,
     provenance: Mapping[str, str] | None,
     path: str | os.PathLike[str],
     *,
     title: str = "mrflesion group report",
     notes: Sequence[str] = (),
+    metrics: pd.DataFrame | None = None,
+    overview: pd.DataFrame | None = None,
+    lead: str | None = None,
+    networks: Sequence[str] = (),
+    reference: str | None = None,
+    threshold: float | None = None,
+    overview_caption: str = "",
 ) -> Path:
-    """Render and write the group report atomically; returns the path."""
-    return _write_atomic(Path(path), render_group_report(tables, curves, provenance, title=title, notes=notes))
+    """Render (:func:`render_group_report`) and write the group report atomically; returns the path."""
+    page = render_group_report(
+        tables,
+        curves,
+        provenance,
+        title=title,
+        notes=notes,
+        metrics=metrics,
+        overview=overview,
+        lead=lead,
+        networks=networks,
+        reference=reference,
+        threshold=threshold,
+        overview_caption=overview_caption,
+    )
+    return _write_atomic(Path(path), page)

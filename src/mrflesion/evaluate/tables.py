@@ -8,7 +8,8 @@ per subject × network × metric; extra columns are ignored).
 - ``site_summary``: per site × network × metric (plus pooled rows over all sites, ``site = "all"``,
   unless ``pooled=None``): n, mean, sd (ddof = 1), median, min, max and the formatted strings
   ``mean ± sd`` and ``median [min–max]``.
-- ``site_tests``: Kruskal–Wallis across sites per network × metric (scipy.stats.kruskal).
+- ``site_tests``: Kruskal–Wallis across sites per network × metric (scipy.stats.kruskal); not run when
+  no site has two or more values (one value per site is no comparison of distributions).
 - ``network_tests``: two-sided Mann–Whitney U between every pair of networks per metric (pooled over
   sites, or per site with ``by_site=True``), Bonferroni-corrected within each metric (and site):
   p_bonferroni = min(1, p · m), m = number of pairs actually tested in that family.
@@ -17,6 +18,12 @@ per subject × network × metric; extra columns are ignored).
 A test that cannot be run (fewer than two sites or networks with data, fewer than 3 values, all values
 identical, ...) still gets a row, with NaN statistic / p and the reason in the ``reason`` column
 (empty string when the test ran).
+
+For the report, where such rows would fill screens with "n/a": ``site_tests_note`` /
+``network_tests_note`` give one sentence when a family of tests cannot run on the cohort at all (fewer
+than two sites, no site with two subjects; fewer than two networks or subjects), and ``ran_and_skipped``
+splits a test table into the rows that ran and one sentence counting the others by reason.
+``subject_overview`` is the group report's one-row-per-subject table.
 """
 
 from __future__ import annotations
@@ -110,6 +117,8 @@ def site_tests(df: pd.DataFrame) -> pd.DataFrame:
         }
         if len(samples) < 2:
             row["reason"] = "fewer than 2 sites with data"
+        elif max(s.size for s in samples) < 2:
+            row["reason"] = "no site with 2 or more values"
         elif np.ptp(np.concatenate(samples)) == 0:
             row["reason"] = "all values identical"
         else:
@@ -200,3 +209,181 @@ def normality(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         rows.append(row)
     columns = ["site", "network", "metric", "n", "n_nan", "statistic", "p", "normal", "reason"]
     return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------------------------------
+# report helpers
+
+
+def _subjects_per(data: pd.DataFrame, key: str) -> pd.Series:
+    finite = data[np.isfinite(data["value"].to_numpy(dtype=np.float64))]
+    return finite.groupby(key, sort=True)["subject"].nunique()
+
+
+def _listing(counts: pd.Series) -> str:
+    return ", ".join(f"{k} {int(v)}" for k, v in counts.items())
+
+
+def site_tests_note(df: pd.DataFrame) -> str | None:
+    """One sentence when Kruskal–Wallis across sites cannot run on this cohort (fewer than two sites
+    with values, or no site with two or more subjects); None when it can."""
+    per_site = _subjects_per(_check(df), "site")
+    if len(per_site) < 2:
+        where = f" ({_listing(per_site)} subjects)" if len(per_site) else ""
+        return (
+            f"Kruskal–Wallis across sites was not run: it needs two or more sites, and the cohort has "
+            f"{len(per_site)}{where}."
+        )
+    if per_site.max() < 2:
+        return (
+            "Kruskal–Wallis across sites was not run: no site has two or more subjects "
+            f"(subjects per site: {_listing(per_site)})."
+        )
+    return None
+
+
+def network_tests_note(df: pd.DataFrame) -> str | None:
+    """One sentence when Mann–Whitney between networks cannot run on this cohort (fewer than two
+    networks with values, or fewer than two subjects); None when it can."""
+    data = _check(df)
+    per_net = _subjects_per(data, "network")
+    if len(per_net) < 2:
+        return f"Mann–Whitney between networks was not run: {len(per_net)} network(s) with values."
+    n_subjects = int(data.loc[np.isfinite(data["value"].to_numpy(dtype=np.float64)), "subject"].nunique())
+    if n_subjects < 2:
+        return f"Mann–Whitney between networks was not run: {n_subjects} subject(s) with values."
+    return None
+
+
+def ran_and_skipped(table: pd.DataFrame, what: str, tsv: str | None = None) -> tuple[pd.DataFrame, str | None]:
+    """The rows of a test table (``site_tests``, ``network_tests``, ``normality``) that ran (without the
+    then empty ``reason`` column), and one sentence counting the rows that did not, by reason (None
+    when every row ran). ``what`` names the rows ("network × metric pairs"), ``tsv`` the file that lists
+    them all."""
+    reason = table["reason"].fillna("").astype(str) if "reason" in table.columns else pd.Series("", table.index)
+    ran = table[reason == ""].drop(columns=["reason"], errors="ignore").reset_index(drop=True)
+    rest = reason[reason != ""]
+    if rest.empty:
+        return ran, None
+    counts = rest.value_counts()
+    parts = "; ".join(f"{r}: {int(n)}" for r, n in counts.items())
+    where = f" (all rows are in {tsv})" if tsv else ""
+    return ran, f"Not tested for {len(rest)} of {len(table)} {what}: {parts}{where}."
+
+
+OVERVIEW_COLUMNS = (
+    "subject", "site", "group", "split", "lesion_ml", "lesions", "detected", "missed", "false_positives", "flags",
+)  # fmt: skip
+
+
+def subject_overview(
+    metrics: pd.DataFrame,
+    lead: str | None,
+    reference: str = "pipeline",
+    *,
+    suffix: str = "",
+    baseline: str = "baseline",
+    inputs: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """One row per subject for the group report: site, group, split, lesion load (ml, of the
+    reference), and the lead network's reference lesions, detected and missed lesions and
+    false-positive components (rule A: ``lw_n_ref``, ``lw_sensitivity``, ``lw_fp``; with ``suffix``
+    "_vt", ``lw_sensitivity_vt``, ``lw_fp_vt`` and ``lesion_dice_vt``: the network's validation-chosen
+    threshold), then flags:
+
+    - "no reference lesions" (the reference mask is empty),
+    - "all lesions missed" / "half or more of the lesions missed" (by the lead),
+    - "more false positives than lesions" (lead; "false positives" when there is no reference lesion),
+    - "baseline Dice above <lead>" (lesion Dice of the baseline higher than the lead's),
+    - "no <lead> metrics" (the lead has no row for the subject),
+    - "skipped: <reason>" for the subjects of ``inputs`` (group/inputs.tsv: subject, site, group,
+      status, reason, lesion_ml) whose status is not "ok" and that have no metrics.
+
+    ``metrics``: long table subject, site, network, reference, metric, value (group and split
+    optional). Missing values stay NaN / <NA>.
+    """
+    cols = list(OVERVIEW_COLUMNS)
+    need = {"subject", "site", "network", "metric", "value"}
+    rows = []
+    if need <= set(metrics.columns) and not metrics.empty:
+        data = metrics
+        if "reference" in data.columns:
+            data = data[data["reference"] == reference]
+        data = data.assign(
+            value=pd.to_numeric(data["value"], errors="coerce"),
+            network=data["network"].astype(str),
+            subject=data["subject"].astype(str),
+        )
+        wide = data.pivot_table(index=["subject", "network"], columns="metric", values="value", aggfunc="first")
+        info = metrics.assign(subject=metrics["subject"].astype(str)).drop_duplicates("subject").set_index("subject")
+
+        def get(subject: str, network: str | None, metric: str) -> float:
+            if network is None or (subject, network) not in wide.index or metric not in wide.columns:
+                return math.nan
+            return float(wide.loc[(subject, network), metric])
+
+        for subject in sorted(metrics["subject"].astype(str).unique()):
+            meta = info.loc[subject]
+            has_lead = lead is not None and (subject, lead) in wide.index
+            n_ref = get(subject, lead, "lw_n_ref")  # the reference's lesions: the same at any threshold
+            sens = get(subject, lead, "lw_sensitivity" + suffix)
+            fp = get(subject, lead, "lw_fp" + suffix)
+            load = get(subject, lead, "lesion_ref_ml")
+            if not math.isfinite(load):  # the reference volume is the same for every network
+                nets = [n for (s_, n) in wide.index if s_ == subject]
+                load = next((v for v in (get(subject, n, "lesion_ref_ml") for n in nets) if math.isfinite(v)), load)
+            if math.isfinite(n_ref):
+                detected = round(sens * n_ref) if math.isfinite(sens) else (0 if n_ref == 0 else None)
+            else:
+                detected = None
+            missed = int(n_ref) - detected if detected is not None else None
+            flags = []
+            if not has_lead and lead is not None:
+                flags.append(f"no {lead} metrics")
+            if n_ref == 0 or load == 0:
+                flags.append("no reference lesions")
+            elif detected is not None and n_ref > 0:
+                if detected == 0:
+                    flags.append("all lesions missed")
+                elif missed is not None and missed >= n_ref / 2:
+                    flags.append("half or more of the lesions missed")
+            if math.isfinite(fp) and fp > 0 and math.isfinite(n_ref) and fp > n_ref:
+                flags.append("more false positives than lesions" if n_ref else "false positives")
+            d_lead, d_base = get(subject, lead, "lesion_dice" + suffix), get(subject, baseline, "lesion_dice")
+            if lead != baseline and math.isfinite(d_lead) and math.isfinite(d_base) and d_base > d_lead:
+                flags.append(f"baseline Dice above {lead}")
+            rows.append(
+                {
+                    "subject": subject,
+                    "site": meta.get("site"),
+                    "group": meta.get("group", pd.NA),
+                    "split": meta.get("split", pd.NA),
+                    "lesion_ml": load,
+                    "lesions": int(n_ref) if math.isfinite(n_ref) else None,
+                    "detected": detected,
+                    "missed": missed,
+                    "false_positives": int(fp) if math.isfinite(fp) else None,
+                    "flags": "; ".join(flags),
+                }
+            )
+    seen = {r["subject"] for r in rows}
+    if inputs is not None and {"subject", "status"} <= set(inputs.columns):
+        for r in inputs.itertuples(index=False):
+            d = r._asdict()
+            if str(d["status"]) == "ok" or str(d["subject"]) in seen:
+                continue
+            rows.append(
+                {
+                    "subject": str(d["subject"]),
+                    "site": d.get("site", pd.NA),
+                    "group": d.get("group", pd.NA),
+                    "split": pd.NA,
+                    "lesion_ml": pd.to_numeric(d.get("lesion_ml"), errors="coerce"),
+                    "flags": f"{d['status']}: {d.get('reason', '')}".rstrip(": "),
+                }
+            )
+    out = pd.DataFrame(rows, columns=cols)
+    for c in ("lesions", "detected", "missed", "false_positives"):
+        out[c] = pd.array(out[c].tolist(), dtype="Int64") if len(out) else out[c].astype("Int64")
+    out["lesion_ml"] = pd.to_numeric(out["lesion_ml"], errors="coerce").astype(np.float64)
+    return out.sort_values(["site", "subject"], key=lambda v: v.astype(str), kind="stable").reset_index(drop=True)
