@@ -42,12 +42,25 @@ def test_stats_accumulate_exactly():
 def test_soft_dice_hand_value_identical_and_disjoint():
     p = torch.tensor([1.0, 0.5, 0.0, 0.0]).reshape(1, 1, 2, 2)
     t = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 2, 2)
-    # sum(pt) = 1.5, sum(p) = 1.5, sum(t) = 2
-    assert soft_dice(p, t).item() == pytest.approx(1 - 3 / 3.5, rel=1e-5)
+    # sum(pt) = 1.5, sum(p) = 1.5, sum(t) = 2, smoothing 1
+    assert soft_dice(p, t).item() == pytest.approx(1 - 4 / 4.5, rel=1e-5)
+    assert soft_dice(p, t, smooth=0.0).item() == pytest.approx(1 - 3 / 3.5, rel=1e-5)
     m = (torch.rand(1, 1, 8, 8) > 0.5).float()
     assert soft_dice(m, m).item() == pytest.approx(0.0, abs=1e-5)
-    assert soft_dice(m, 1 - m).item() == pytest.approx(1.0, abs=1e-6)
+    assert soft_dice(m, 1 - m).item() == pytest.approx(1 - 1 / 65, abs=1e-6)  # sum(p) + sum(t) = 64
     assert make_loss("dice")(m, m).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_soft_dice_pushes_the_background_down_without_lesion():
+    """Why DICE-1 collapsed to all-ones: unsmoothed, a batch without lesion voxels has a constant loss and
+    no gradient; with the smoothing its gradient lowers every prediction (and is zero only at p = 0)."""
+    p = torch.full((2, 1, 4, 4), 0.7, requires_grad=True)
+    t = torch.zeros(2, 1, 4, 4)
+    soft_dice(p, t, smooth=0.0).backward()
+    assert torch.count_nonzero(p.grad) == 0
+    p.grad = None
+    soft_dice(p, t).backward()
+    assert (p.grad > 0).all()  # gradient descent lowers p
 
 
 def test_log_cosh_large_errors_finite_value_and_gradient():

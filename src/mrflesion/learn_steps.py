@@ -55,6 +55,9 @@ TRAIN_IMAGES = {
     "mask": "{stem}_space-T2w_desc-brain_mask.nii.gz",
 }
 
+#: The classical lesion baseline of one subject (written by the ``tissue`` job, see mrflesion.baseline).
+BASELINE_IMAGE = "{stem}_space-T2w_label-lesion_desc-baseline_probseg.nii.gz"
+
 #: The image that stands for a subject's finished conventional chain in the declared inputs of the
 #: jobs that read the T2w-space images (training, inference, evaluation). Its job (``tissue``) reads the
 #: registered T1 map, brain mask and lesion mask (rule ``register``, whose outputs are also the other
@@ -79,6 +82,9 @@ TRAIN_KEYS = (
     "patch_size",
     "patches_per_slice",
     "lesion_factor",
+    "lesion_share",
+    "augment",
+    "norm",
     "widths",
     "bridge",
     "dropout",
@@ -227,15 +233,27 @@ class TrainingPlan:
         (:data:`READY_IMAGE`); test subjects are never inputs of training."""
         return [ready_file(self.out, st) for st in self.stems("train") + self.stems("val")]
 
+    def baseline_validation(self) -> list[dict[str, str]]:
+        """The validation subjects' baseline maps with their lesion and brain masks (the baseline's
+        threshold is chosen on them, as the networks' are)."""
+        return [{"baseline": f"{self.out}/" + BASELINE_IMAGE.format(stem=st),
+                 "lesion": f"{self.out}/" + TRAIN_IMAGES["lesion"].format(stem=st),
+                 "mask": f"{self.out}/" + TRAIN_IMAGES["mask"].format(stem=st)} for st in self.stems("val")]
+
     def training_set_record(self, work_dir: str) -> str:
         """The record of the subjects a training job reads (rule ``training_set``): what the eight
         training jobs depend on, instead of each listing every subject (planning a large cohort)."""
         return f"{work_dir}/train/training_set.json"
 
 
-def train_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of :func:`mrflesion.learn.train` from the ``training`` config."""
+def train_arguments(cfg: Mapping[str, Any], spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`mrflesion.learn.train` from the ``training`` config, with the
+    options a network entry sets for itself (``spec``; :data:`mrflesion.learn.spec.NETWORK_TRAINING_KEYS`)
+    taking precedence."""
+    from .learn.spec import NETWORK_TRAINING_KEYS
+
     kw = {k: cfg[k] for k in TRAIN_KEYS if k in cfg}
+    kw.update({k: v for k, v in (spec or {}).items() if k in NETWORK_TRAINING_KEYS})
     if "widths" in kw:
         kw["widths"] = tuple(int(w) for w in kw["widths"])
     return kw
@@ -274,7 +292,7 @@ def run_training(
 
     state = Path(state_dir)
     model = Path(model_dir)
-    kw = train_arguments(cfg)
+    kw = train_arguments(cfg, spec)
     epochs = int(kw.pop("epochs"))
     reason = _fresh_state_needed(state, epochs)
     if reason:
@@ -298,9 +316,9 @@ def run_training(
         os.replace(tmp, model / name)
     device = resolve_device(kw.get("device", "auto"))
     best_row = next((r for r in history if int(r["epoch"]) == summary["best_epoch"]), {})
+    chosen = summary.get("lesion_threshold")
     sidecar = {
-        "Description": f"U-net {spec['name']} (Hermann et al. 2021, Table 1): weights with the lowest "
-        "validation loss",
+        "Description": f"U-net {spec['name']} ({spec['loss']} loss): weights with the lowest validation loss",
         "Network": dict(spec),
         "Training": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
                      "epochs": epochs},
@@ -314,6 +332,9 @@ def run_training(
         "BestValidationMetrics": {
             k: (float(v) if math.isfinite(float(v)) else None) for k, v in best_row.items() if k.startswith("val_")
         },
+        "LesionThreshold": None if chosen is None else {
+            "validation": chosen["threshold"], "validation_dice": chosen["dice"],
+            "rule": "maximises the pooled lesion Dice of the validation subjects (thresholds 0.01-0.99)"},
         "Parameters": summary["parameters"],
         "Device": str(device),
         "Threads": int(threads),
@@ -410,5 +431,26 @@ def model_record(smk: Any) -> None:
             "Weights": str(best), "WeightsSha256": hashlib.sha256(Path(best).read_bytes()).hexdigest(),
             "History": str(history), "EpochsCompleted": side.get("EpochsCompleted"),
             "BestEpoch": side.get("BestEpoch"), "BestValidationMetrics": side.get("BestValidationMetrics"),
+            "LesionThreshold": side.get("LesionThreshold"),
         }
-    write_json(smk.output[0], {"Networks": record})
+    write_json(smk.output[0], {"Networks": record, "Baseline": baseline_threshold(smk.params.baseline)})
+
+
+def baseline_threshold(subjects: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """The classical baseline's lesion threshold chosen like the networks' (pooled Dice of the
+    validation subjects inside their brain masks, thresholds 0.01-0.99)."""
+    import nibabel as nib
+    import numpy as np
+
+    from .evaluate.metrics import best_pooled_threshold, pooled_counts
+
+    counts = 0
+    for s in subjects:
+        brain = np.asarray(nib.load(s["mask"]).dataobj) > 0.5
+        prob = np.asarray(nib.load(s["baseline"]).dataobj, dtype=np.float32)[brain]
+        counts = counts + pooled_counts(prob, (np.asarray(nib.load(s["lesion"]).dataobj) > 0.5)[brain])
+    chosen = None if isinstance(counts, int) else best_pooled_threshold(counts)
+    return {"LesionThreshold": None if chosen is None else {
+        "validation": chosen["threshold"], "validation_dice": chosen["dice"],
+        "rule": "maximises the pooled lesion Dice of the validation subjects (thresholds 0.01-0.99)"},
+        "ValidationSubjects": [s["baseline"] for s in subjects]}

@@ -177,6 +177,34 @@ def detection_rate(pred_bin: np.ndarray, ref_bin: np.ndarray, connectivity: int 
     return float(hit.size) / n
 
 
+def pooled_counts(
+    prob: np.ndarray, ref_bin: np.ndarray, thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS
+) -> np.ndarray:
+    """(T, 3) int64 counts per threshold t: |P(t)|, |P(t) ∩ R| and |R|, with P(t) = prob >= t; additive
+    over subjects, so that a Dice pooled over several subjects is ``2 sum(TP) / (sum(P) + sum(R))``."""
+    p = np.sort(np.asarray(prob, dtype=np.float64).ravel())
+    r = np.sort(np.asarray(prob, dtype=np.float64)[np.asarray(ref_bin, dtype=bool)])
+    thr = np.asarray(thresholds, dtype=np.float64).ravel()
+    n_pred = p.size - np.searchsorted(p, thr, side="left")
+    n_tp = r.size - np.searchsorted(r, thr, side="left")
+    return np.stack([n_pred, n_tp, np.full(thr.size, r.size)], axis=1).astype(np.int64)
+
+
+def best_pooled_threshold(
+    counts: np.ndarray, thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS
+) -> dict[str, float] | None:
+    """The threshold maximising the pooled Dice of summed :func:`pooled_counts` (ties: the one
+    nearest 0.5); ``{"threshold", "dice"}``, or None without reference voxels."""
+    counts = np.asarray(counts, dtype=np.float64)
+    thr = np.asarray(thresholds, dtype=np.float64).ravel()
+    if counts[0, 2] == 0:
+        return None
+    dice_t = 2.0 * counts[:, 1] / (counts[:, 0] + counts[:, 2])
+    best = np.flatnonzero(dice_t >= dice_t.max() - 1e-12)
+    i = int(best[np.argmin(np.abs(thr[best] - 0.5))])
+    return {"threshold": round(float(thr[i]), 6), "dice": float(dice_t[i])}
+
+
 def threshold_sweep(
     prob: np.ndarray,
     ref_bin: np.ndarray,

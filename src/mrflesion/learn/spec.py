@@ -17,7 +17,12 @@ if TYPE_CHECKING:
 OUTPUT_NAMES = ("T1", "T2star", "NAWM", "GM", "lesion")
 MAP_INPUT_NAMES = ("T1", "T2star")
 PROBABILITY_OUTPUTS = ("NAWM", "GM", "lesion")
-LOSS_NAMES = ("mse", "mae", "lcl", "dice")
+LOSS_NAMES = ("mse", "mae", "lcl", "dice", "multitask")
+#: Training options a network entry may set for itself (else the ``training:`` section's value).
+NETWORK_TRAINING_KEYS = (
+    "epochs", "lr", "lr_halve_every", "patches_per_slice", "lesion_factor", "lesion_share", "augment",
+    "norm", "widths", "bridge", "dropout",
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class NetworkSpec:
             nonprob = [o for o in outputs if o not in PROBABILITY_OUTPUTS]
             if nonprob:
                 raise ValueError(f"{self.name}: the Dice loss needs probability outputs, not {nonprob}")
+        unknown = sorted(set(self.extra) - set(NETWORK_TRAINING_KEYS))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown network options {unknown} (known: {NETWORK_TRAINING_KEYS})")
         object.__setattr__(self, "outputs", outputs)
         object.__setattr__(self, "extra", dict(self.extra))
 
@@ -74,6 +82,17 @@ class NetworkSpec:
     def out_activation(self) -> str:
         """Sigmoid on the outputs for the Dice loss, raw outputs otherwise."""
         return "sigmoid" if self.loss == "dice" else "none"
+
+    @property
+    def sigmoid_channels(self) -> tuple[int, ...]:
+        """Output channels that end in a sigmoid: all for the Dice loss, the probabilities (NAWM, GM,
+        lesion) for the multi-task loss (trained from their logits with BCE + soft Dice), none for
+        the regression losses (the paper's raw outputs)."""
+        if self.loss == "dice":
+            return tuple(range(len(self.outputs)))
+        if self.loss == "multitask":
+            return tuple(i for i, o in enumerate(self.outputs) if o in PROBABILITY_OUTPUTS)
+        return ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NetworkSpec:
@@ -97,7 +116,8 @@ class NetworkSpec:
         return d
 
     def build(
-        self, in_channels: int, widths: Sequence[int] = (32, 64, 128), bridge: int = 256, dropout: float = 0.5
+        self, in_channels: int, widths: Sequence[int] = (32, 64, 128), bridge: int = 256, dropout: float = 0.5,
+        norm: str = "none",
     ) -> UNet:
         """The U-net for this variant (``in_channels``: number of MRF measurements for ``inputs: mrf``)."""
         from .networks import UNet
@@ -106,7 +126,8 @@ class NetworkSpec:
             raise ValueError(
                 f"{self.name}: expects {len(self.inputs)} input maps, got {in_channels} channels"
             )
-        return UNet(in_channels, len(self.outputs), widths, bridge, dropout, self.out_activation)
+        return UNet(in_channels, len(self.outputs), widths, bridge, dropout, norm=norm,
+                    sigmoid_channels=self.sigmoid_channels)
 
 
 def default_networks() -> list[dict[str, Any]]:

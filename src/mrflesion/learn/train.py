@@ -7,6 +7,10 @@
 * ``out_dir/history.tsv``: one row per epoch (losses per output, validation metrics, lr, seconds).
   ``out_dir/best.pt``: the weights with the lowest validation loss (model selection uses validation
   data only) plus spec and normalisation, enough for :func:`predict_volume`.
+* Validation threshold: when training ends, the lesion probability threshold that maximises the pooled
+  lesion Dice of the validation subjects (against their lesion masks, thresholds 0.01-0.99 in steps of
+  0.01; :func:`choose_threshold`) is stored in ``best.pt`` (``lesion_threshold``) beside the paper's
+  33 %. Test subjects never reach training, model selection or this threshold.
 * Resume: ``out_dir/last.pt`` is written atomically after every epoch and on preemption; it holds the
   weights, optimizer, scheduler, RNG states (python, numpy, torch), sampler state (seed, epoch, position
   in the epoch), the partial epoch's loss sums, the best metric and the history. Calling :func:`train`
@@ -40,12 +44,14 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .data import (
+    Augmentation,
     Normalisation,
     PatchSampler,
     SliceDataset,
     SubjectData,
     SubjectPaths,
     as_subject_paths,
+    augment_batch,
     derive_seed,
     load_subject,
 )
@@ -67,6 +73,9 @@ _COMPAT_KEYS = (
     "bridge",
     "dropout",
     "lesion_factor",
+    "lesion_share",
+    "augment",
+    "norm",
     "lr",
     "lr_halve_every",
     "normalisation",
@@ -148,9 +157,10 @@ def _state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict_slices(
-    model: UNet, inputs: np.ndarray, device: torch.device, batch_slices: int = 8
+    model: UNet, inputs: np.ndarray, device: torch.device, batch_slices: int = 8, logits: bool = False
 ) -> np.ndarray:
-    """Whole-slice prediction: (Z, H, W, C_in) normalised inputs -> (Z, H, W, C_out) network units."""
+    """Whole-slice prediction: (Z, H, W, C_in) normalised inputs -> (Z, H, W, C_out) network units
+    (``logits``: before the output sigmoid)."""
     was_training = model.training
     model.eval()
     out = np.empty(inputs.shape[:3] + (model.out_channels,), dtype=np.float32)
@@ -160,7 +170,7 @@ def predict_slices(
             x = x.permute(0, 3, 1, 2)
             x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
             with _autocast(device):
-                y = forward_padded(model, x)
+                y = forward_padded(model, x, logits=logits)
             out[z0 : z0 + batch_slices] = y.float().permute(0, 2, 3, 1).cpu().numpy()
     finally:
         model.train(was_training)
@@ -190,11 +200,14 @@ def evaluate(
         if s.targets is None:
             raise ValueError(f"validation subject {s.subject} has no targets")
         keep = s.brain.reshape(s.n_slices, -1).any(axis=1)
-        pred = predict_slices(model, s.inputs[keep], device, batch_slices)
+        raw = torch.from_numpy(predict_slices(model, s.inputs[keep], device, batch_slices, logits=True))
+        raw = raw.permute(0, 3, 1, 2)
+        pred_t = model.activate(raw)
+        pred = pred_t.permute(0, 2, 3, 1).numpy()
         tgt = s.targets[keep]
         brain = s.brain[keep]
         st = loss.stats(
-            torch.from_numpy(pred).permute(0, 3, 1, 2).double(),
+            (raw if loss.wants_logits else pred_t).double(),
             torch.from_numpy(tgt).permute(0, 3, 1, 2).double(),
         )
         stats = st if stats is None else stats + st
@@ -219,6 +232,28 @@ def evaluate(
     res["val_dice_NAWM_80"] = float(np.mean(per["dice_NAWM"])) if per["dice_NAWM"] else math.nan
     res["val_dice_GM_80"] = float(np.mean(per["dice_GM"])) if per["dice_GM"] else math.nan
     return res
+
+
+def choose_threshold(
+    model: UNet, subjects: Sequence[SubjectData], spec: NetworkSpec, device: torch.device, batch_slices: int = 8
+) -> dict[str, float] | None:
+    """The lesion threshold (0.01-0.99) maximising the pooled lesion Dice over ``subjects`` (validation
+    subjects: never test ones) against their lesion masks; ties go to the threshold nearest 0.5.
+    Returns ``{"threshold", "dice"}``, or None when the network has no lesion output or the subjects
+    no lesion."""
+    from ..evaluate.metrics import best_pooled_threshold, pooled_counts
+
+    if "lesion" not in spec.outputs:
+        return None
+    c = spec.outputs.index("lesion")
+    counts = 0
+    for s in subjects:
+        if s.lesion is None:
+            continue
+        keep = s.brain.reshape(s.n_slices, -1).any(axis=1)
+        prob = predict_slices(model, s.inputs[keep], device, batch_slices)[..., c][s.brain[keep]]
+        counts = counts + pooled_counts(prob, s.lesion[keep][s.brain[keep]])
+    return None if isinstance(counts, int) else best_pooled_threshold(counts)
 
 
 def history_columns(spec: NetworkSpec) -> list[str]:
@@ -258,7 +293,8 @@ def load_model(
     spec = NetworkSpec.from_dict(ck["spec"])
     cfg = ck["model_config"]
     model = spec.build(
-        int(cfg["in_channels"]), tuple(cfg["widths"]), int(cfg["bridge"]), float(cfg["dropout"])
+        int(cfg["in_channels"]), tuple(cfg["widths"]), int(cfg["bridge"]), float(cfg["dropout"]),
+        norm=str(cfg.get("norm", "none")),
     )
     model.load_state_dict(ck["model"])
     dev = resolve_device(device)
@@ -320,14 +356,21 @@ def train(
     num_threads: int | None = None,
     progress: bool = True,
     val_batch_slices: int = 8,
+    lesion_share: float = 0.0,
+    augment: bool | Mapping[str, Any] = False,
+    norm: str = "none",
 ) -> dict[str, Any]:
     """Train ``spec`` for ``epochs`` epochs in total (resuming from ``out_dir/last.pt`` if present).
 
+    ``lesion_share``: share of every batch centred on lesion voxels; ``augment``: see
+    :class:`~mrflesion.learn.data.Augmentation`; ``norm``: the U-net's normalisation layers.
     Returns a summary: ``epochs_completed``, ``best_epoch``, ``best_val_loss``, ``history`` (list of
-    rows), ``parameters``, paths of ``best.pt``/``last.pt``/``history.tsv``. Raises :class:`Preempted`
+    rows), ``parameters``, ``lesion_threshold`` (validation-chosen, or None), paths of
+    ``best.pt``/``last.pt``/``history.tsv``. Raises :class:`Preempted`
     (exit code 75) after saving ``last.pt`` on SIGTERM/SIGUSR1.
     """
     spec = spec if isinstance(spec, NetworkSpec) else NetworkSpec.from_dict(spec)
+    norm_layers = str(norm)  # ``norm`` names the Normalisation below
     norm = (
         normalisation if isinstance(normalisation, Normalisation) else Normalisation.from_dict(normalisation)
     )
@@ -352,6 +395,9 @@ def train(
         "bridge": int(bridge),
         "dropout": float(dropout),
         "lesion_factor": int(lesion_factor),
+        "lesion_share": float(lesion_share),
+        "augment": Augmentation.from_config(augment).to_dict(),
+        "norm": norm_layers,
         "lr": float(lr),
         "lr_halve_every": int(lr_halve_every),
         "normalisation": norm.to_dict(),
@@ -366,11 +412,12 @@ def train(
         storage = torch.float16 if dev.type == "cuda" else torch.float32
         dataset = SliceDataset(train_data, patch_size, dev, storage)
         del train_data
-        sampler = PatchSampler(dataset, batch_size, patches_per_slice, lesion_factor, seed)
-        loss_fn = make_loss(spec.loss)
+        sampler = PatchSampler(dataset, batch_size, patches_per_slice, lesion_factor, seed, lesion_share)
+        loss_fn = make_loss(spec.loss, spec.outputs)
+        aug = Augmentation.from_config(augment)
 
         torch.manual_seed(derive_seed(seed, 0, 2))
-        model = spec.build(dataset.n_in, widths, bridge, dropout).to(dev)
+        model = spec.build(dataset.n_in, widths, bridge, dropout, norm=norm_layers).to(dev)
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
         n_params = count_parameters(model)
@@ -381,6 +428,7 @@ def train(
             "widths": list(config["widths"]),
             "bridge": int(bridge),
             "dropout": float(dropout),
+            "norm": norm_layers,
         }
 
         history: list[dict[str, float]] = []
@@ -441,6 +489,9 @@ def train(
         report.line(
             f"[{spec.name}] {len(dataset)} training slices, {sampler.n_patches()} patches/epoch, "
             f"{n_params} parameters, device {dev}"
+            + (f", {sampler.lesion_per_batch()} of {batch_size} patches per batch on lesions"
+               if sampler.lesion_per_batch() else "")
+            + (", augmented" if aug.enabled else "")
         )
         for epoch in range(epochs_done, int(epochs)):
             t0 = time.monotonic()
@@ -456,10 +507,13 @@ def train(
             for b, x, y in sampler.batches():
                 if stop:
                     preempt()
+                if aug.enabled:
+                    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 4, b))
+                    x, y = augment_batch(x, y, aug, gen, intensity=spec.uses_mrf)
                 if dev.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(dev):
-                    pred = model(x)
+                    pred = model(x, logits=loss_fn.wants_logits)
                 per = loss_fn.per_channel(pred.float(), y)
                 total = per.mean()
                 opt.zero_grad(set_to_none=True)
@@ -510,6 +564,7 @@ def train(
             )
             if stop:
                 preempt()
+        chosen = _store_threshold(best_path, val_data, spec, dev, val_batch_slices)
     return {
         "name": spec.name,
         "epochs_completed": epochs_done,
@@ -517,10 +572,26 @@ def train(
         "best_val_loss": float(best["val_loss"]),
         "history": history,
         "parameters": n_params,
+        "lesion_threshold": chosen,
         "best_path": str(best_path),
         "last_path": str(last_path),
         "history_path": str(hist_path),
     }
+
+
+def _store_threshold(
+    best_path: Path, val_data: Sequence[SubjectData], spec: NetworkSpec, dev: torch.device, batch_slices: int
+) -> dict[str, float] | None:
+    """Choose the validation threshold with the best weights and record it in ``best.pt``."""
+    if not best_path.exists():  # no epoch had a finite validation loss
+        return None
+    ck = ckpt_io.load(best_path)
+    model, _, _ = load_model(ck, dev)
+    chosen = choose_threshold(model, val_data, spec, dev, batch_slices)
+    if ck.get("lesion_threshold") != chosen:
+        ck["lesion_threshold"] = chosen
+        ckpt_io.atomic_save(ck, best_path)
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
