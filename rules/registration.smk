@@ -31,6 +31,7 @@ rule register:
         mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
         flair_xfm=f"{OUT}/{{stem}}_from-FLAIR_to-T2w_mode-image_xfm.mat",
         lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
+        flair=f"{OUT}/{{stem}}_space-T2w_FLAIR.nii.gz",
     params:
         # written by the qmri job with T1
         siblings=siblings(

@@ -1,5 +1,7 @@
 # SPM-style tissue probabilities (GM, WM, CSF; NAWM = WM outside the lesion mask) in T2w space,
-# from the registered T1 map with MNI152 priors.
+# from the registered T1 map with MNI152 priors; then the classical lesion baseline (mrflesion.baseline:
+# outliers of T1 and T2* against the subject's own white matter, no deep learning, no manual mask).
+from mrflesion.learn_steps import BASELINE_IMAGE
 
 
 rule tissue:
@@ -10,9 +12,11 @@ rule tissue:
         WM=f"{OUT}/{{stem}}_space-T2w_label-WM_probseg.nii.gz",
         CSF=f"{OUT}/{{stem}}_space-T2w_label-CSF_probseg.nii.gz",
         NAWM=f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz",
+        baseline=f"{OUT}/" + BASELINE_IMAGE.format(stem="{stem}"),
     params:
         # written by the registration job with T1
         siblings=siblings(
+            T2star=f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_T2starmap.nii.gz",
             mask=f"{OUT}/{{stem}}_space-T2w_desc-brain_mask.nii.gz",
             lesion=f"{OUT}/{{stem}}_space-T2w_label-lesion_mask.nii.gz",
         ),

@@ -89,6 +89,9 @@ rule model_record:
         f"{OUT}/models/models.json",
     params:
         networks=list(TRAINING.networks),
+        # the classical baseline's threshold is chosen on the validation subjects too (their chains
+        # are finished: the training jobs depend on the training set record)
+        baseline=TRAINING.baseline_validation(),
     log:
         f"{WORK}/logs/train/models_record.log",
     conda:

@@ -15,7 +15,8 @@ Outputs (BIDS derivatives, ``<stem>`` = ``sub-X[/ses-Y]/anat/sub-X[_ses-Y]``):
   clipped at 0), ``<stem>_acq-MRFEPI_space-T2w_MRF.nii.gz`` (raw MRF series, rigid only unless
   ``registration.mrf_full_transform``), ``<stem>_space-T2w_desc-brain_mask.nii.gz`` (the MRF brain
   mask, full transform);
-* ``<stem>_from-FLAIR_to-T2w_mode-image_xfm.mat`` and ``<stem>_space-T2w_label-lesion_mask.nii.gz``;
+* ``<stem>_from-FLAIR_to-T2w_mode-image_xfm.mat``, ``<stem>_space-T2w_label-lesion_mask.nii.gz`` and
+  ``<stem>_space-T2w_FLAIR.nii.gz`` (the FLAIR image, B-spline: the reports' lesion underlay);
 * ``<stem>_space-T2w_label-{GM,WM,CSF,NAWM}_probseg.nii.gz`` (0-1).
 
 Every NIfTI gets a JSON sidecar with Description, Units, Sources and ``TimingsSeconds``.
@@ -129,7 +130,7 @@ def register_mrf(smk: Any) -> None:
     full = bool(cfg["mrf_full_transform"])
     f = reads(smk)
     maps = {k: f[k] for k in MAP_KEYS}
-    out = {k: smk.output[k] for k in smk.output.keys() if k not in ("flair_xfm", "lesion")}
+    out = {k: smk.output[k] for k in smk.output.keys() if k not in ("flair_xfm", "lesion", "flair")}
     info = register_mrf_to_t2w(maps, f["mrf"], f["mask"], f["t2w"], out,
                                phase_encode_stage=pe, mrf_full_transform=full, threads=int(smk.threads))
     res, timings = info["result"], _rounded(info["timings"])
@@ -182,9 +183,13 @@ def register_mrf(smk: Any) -> None:
 
 
 def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_lesion: str,
-                          threads: int = 2) -> dict[str, Any]:
-    """FLAIR -> T2w rigid registration; the FLAIR-space lesion mask into T2w space (linear, >= 0.5)."""
-    from .registration import mask_to_t2w, register_flair_to_t2w
+                          threads: int = 2, out_flair: str | None = None) -> dict[str, Any]:
+    """FLAIR -> T2w rigid registration; the FLAIR-space lesion mask into T2w space (linear, >= 0.5)
+    and, with ``out_flair``, the FLAIR image itself (B-spline, clipped at 0: the underlay of the
+    reports' lesion overlays)."""
+    import numpy as np
+
+    from .registration import image_to_t2w, mask_to_t2w, register_flair_to_t2w
 
     timings: dict[str, float] = {}
     suffix = "_from-FLAIR_to-T2w_mode-image_xfm.mat"
@@ -200,13 +205,18 @@ def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_l
     m = mask_to_t2w(lesion, res, t2w, None, threshold=0.5, threads=threads)
     _save_like(m, t2w, out_lesion, "uint8")
     timings["apply_lesion"] = time.perf_counter() - t0
+    if out_flair is not None:
+        t0 = time.perf_counter()
+        img = np.clip(image_to_t2w(flair, res, t2w, "bSpline", threads), 0.0, None)
+        _save_like(img, t2w, out_flair, "float32")
+        timings["apply_flair"] = time.perf_counter() - t0
     return {"result": res, "timings": timings, "lesion_voxels": int(m.sum())}
 
 
 def register_flair(smk: Any) -> None:
     """FLAIR transform and the manual lesion mask in T2w space (part of rule ``register``)."""
     info = register_flair_lesion(smk.input.flair, smk.input.lesion, smk.input.t2w, smk.output.flair_xfm,
-                                 smk.output.lesion, threads=int(smk.threads))
+                                 smk.output.lesion, threads=int(smk.threads), out_flair=smk.output.flair)
     timings = _rounded(info["timings"])
     write_json(_json_path(smk.output.flair_xfm), {
         "Description": "Rigid FLAIR -> T2w transform (ANTs Mattes MI; ITK .mat, maps T2w points to "
@@ -217,6 +227,10 @@ def register_flair(smk: Any) -> None:
                                          "(rigid, linear interpolation, >= 0.5)",
         "Units": "1", "Sources": [smk.input.lesion, smk.input.flair, smk.input.t2w, smk.output.flair_xfm],
         "Voxels": info["lesion_voxels"], "TimingsSeconds": timings})
+    write_json(_json_path(smk.output.flair), {
+        "Description": "FLAIR image resampled into T2w space (rigid, B-spline, clipped at 0)",
+        "Units": "arbitrary", "Sources": [smk.input.flair, smk.input.t2w, smk.output.flair_xfm],
+        "TimingsSeconds": timings})
     print(f"register_flair: {timings}")
 
 
@@ -266,3 +280,31 @@ def tissue(smk: Any) -> None:
                                       "Method": str(cfg["method"]), "Fit": fit,
                                       "MaskVoxels": res["mask_voxels"], "TimingsSeconds": timings})
     print(f"tissue: {timings}")
+    baseline_map(f["T1"], f["T2star"], {k: out[k] for k in ("WM", "GM", "CSF")}, f["mask"], smk.output.baseline)
+
+
+def baseline_map(t1: str, t2star: str, tissue: dict[str, str], mask: str, out: str) -> dict[str, Any]:
+    """The classical lesion baseline (:func:`mrflesion.baseline.lesion_probability`) of one subject in
+    T2w space, with its sidecar."""
+    import nibabel as nib
+    import numpy as np
+
+    from .baseline import lesion_probability
+
+    t0 = time.perf_counter()
+    img = nib.load(t1)
+    arr = {k: np.asarray(nib.load(v).dataobj, dtype=np.float32) for k, v in tissue.items()}
+    prob = lesion_probability(np.asarray(img.dataobj, dtype=np.float32),
+                              np.asarray(nib.load(t2star).dataobj, dtype=np.float32),
+                              arr["WM"], arr["GM"], arr["CSF"], np.asarray(nib.load(mask).dataobj) > 0,
+                              img.header.get_zooms()[:3])
+    _save_like(prob, t1, out, "float32")
+    seconds = round(time.perf_counter() - t0, 3)
+    write_json(_json_path(out), {
+        "Description": "Classical lesion baseline (no deep learning): outliers of log T1 and log T2* against "
+                       "the subject's confident white matter, inside the white-matter territory "
+                       "(mrflesion.baseline); never reads the manual mask",
+        "Units": "1 (probability)", "Sources": [t1, t2star, *tissue.values(), mask],
+        "TimingsSeconds": {"baseline": seconds}})
+    print(f"baseline: {seconds} s, {int((prob >= 0.33).sum())} voxels >= 0.33")
+    return {"seconds": seconds}

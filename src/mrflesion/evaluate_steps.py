@@ -33,7 +33,10 @@ import numpy as np
 import pandas as pd
 
 from .io import write_json, write_text
-from .learn_steps import TRAIN_IMAGES, needed_images, ready_file
+from .learn_steps import BASELINE_IMAGE, TRAIN_IMAGES, needed_images, ready_file
+
+#: Name of the classical lesion baseline in the tables and reports (beside the networks).
+BASELINE = "baseline"
 
 #: Network outputs in T2w space, relative to output_dir (``{stem}``, ``{label}`` filled in).
 OUTPUT_FILES = {
@@ -57,6 +60,9 @@ TRUTH_FILES = {
     "GM": "{stem}_space-T2w_label-GM_probseg.nii.gz",
     "lesion": "{stem}_space-T2w_label-lesion_mask.nii.gz",
 }
+
+#: The FLAIR in T2w space (rule ``register``; written with the registered lesion mask).
+FLAIR_T2W = "{stem}_space-T2w_FLAIR.nii.gz"
 
 #: Conventional-chain rules whose Snakemake benchmark files give the per-subject timings.
 CHAIN_STEPS = ("check_inputs", "qmri", "register", "tissue")
@@ -126,8 +132,9 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
                 "Sources": [str(model)] + [str(v) for k, v in subject.items() if k != "subject"],
                 "Inference": {k: v for k, v in rec.items() if k != "affine"},
             })
+        chosen = ck.get("lesion_threshold") or {}
         record[net] = {
-            "model": model, "history": models[net]["History"],
+            "model": model, "history": models[net]["History"], "val_threshold": chosen.get("threshold"),
             "outputs": {name: str(paths[name]) for name in outs},
             **{k: rec[k] for k in ("device", "mode", "load_seconds", "predict_seconds")},
         }
@@ -149,14 +156,24 @@ def _load(path: str | Path) -> tuple[np.ndarray, Any]:
 def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: Sequence[float],
                    threshold: float) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
     """Every lesion metric of DESIGN.md section 5 for one probability map: metrics, the threshold
-    sweep (threshold, dice, ldr) and the per-lesion table (rule A)."""
+    sweep (threshold, dice, ldr) and the per-lesion table (rule A).
+
+    Reviewer-grade keys (conventions in ``evaluate.metrics`` / ``evaluate.lesionwise``): lw_f1 and
+    lw_precision (rule A lesion detection), lesion_ndsc (nDSC, r = 0.001, region = ``brain``),
+    lesion_avd (%), lesion_hd95 (mm, spacing = ``zooms``), lw_n_G1..G5 and lw_det_G1..G5 (rule A
+    reference lesions and their detection rate per volume group)."""
     from .evaluate import (
+        VOLUME_GROUPS,
+        absolute_volume_difference,
         binarise,
         detection_rate,
         dice,
+        group_detection,
+        hd95,
         lesion_table,
         lesionwise_metrics,
         msseg_detection,
+        normalised_dice,
         overlap_metrics,
         threshold_sweep,
         voxel_volume_ml,
@@ -177,12 +194,25 @@ def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: 
     lw = lesionwise_metrics(pred_bin, ref_bin, vml)
     for k in ("sensitivity", "fp", "fpr", "dice", "n_ref", "n_pred"):
         m[f"lw_{k}"] = float(lw[k])
+    m["lw_f1"] = float(lw["f1"])
+    m["lw_precision"] = float(lw["lesion_precision"])
+    m["lesion_ndsc"] = normalised_dice(pred_bin, ref_bin, mask=brain)
+    m["lesion_avd"] = absolute_volume_difference(pred_bin, ref_bin)
+    m["lesion_hd95"] = hd95(pred_bin, ref_bin, spacing=zooms)
     ms = msseg_detection(pred_bin, ref_bin, vml * 1000.0)
     for k in ("sensitivity", "ppv", "f1", "fp"):
         m[f"msseg_{k}"] = float(ms[k])
     curves = threshold_sweep(prob, ref_bin)
     lesions = lesion_table(pred_bin, ref_bin, vml)
+    n_group, det_group = group_detection(lesions["volume_ml"].to_numpy(), lesions["detected"].to_numpy())
+    for g, n, det in zip(VOLUME_GROUPS, n_group, det_group, strict=True):
+        m[f"lw_n_{g}"] = float(n)
+        m[f"lw_det_{g}"] = float(det)
     return m, curves, lesions
+
+
+#: Lesion metrics that depend on the reference alone (not repeated at the validation threshold).
+REFERENCE_ONLY_METRICS = frozenset({"lesion_ref_ml", "lw_n_ref"} | {f"lw_n_G{i}" for i in range(1, 6)})
 
 
 def map_metrics(name: str, pred: np.ndarray, ref: np.ndarray, brain: np.ndarray,
@@ -203,11 +233,17 @@ def subject_metrics(
     zooms: Sequence[float],
     threshold: float,
     tissue_threshold: float = 0.8,
+    val_thresholds: Mapping[str, float | None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Long tables for one subject: metrics (network, reference, metric, value), curves (network,
-    reference, threshold, dice, ldr) and lesions (network, reference, lesion table columns)."""
+    reference, threshold, dice, ldr) and lesions (network, reference, lesion table columns).
+
+    ``val_thresholds``: per network, its lesion threshold chosen on the validation subjects; the lesion
+    metrics are then also given at that threshold, named with the suffix ``_vt`` (the threshold itself
+    as ``lesion_threshold_vt``); the curves and lesion tables are those at ``threshold``."""
     rows, curves, lesions = [], [], []
     for net, maps in outputs.items():
+        vt = (val_thresholds or {}).get(net)
         for refname, refmaps in references.items():
             for name, pred in maps.items():
                 if name not in refmaps:
@@ -217,6 +253,10 @@ def subject_metrics(
                     curves.append(c.assign(network=net, reference=refname))
                     les = les.rename(columns={"group": "volume_group"})
                     lesions.append(les.assign(network=net, reference=refname))
+                    if vt is not None:
+                        mv = lesion_metrics(pred, refmaps[name], brain, zooms, float(vt))[0]
+                        m.update({f"{k}_vt": v for k, v in mv.items() if k not in REFERENCE_ONLY_METRICS})
+                        m["lesion_threshold_vt"] = float(vt)
                 else:
                     m = map_metrics(name, pred, refmaps[name], brain, tissue_threshold=tissue_threshold)
                 rows += [{"network": net, "reference": refname, "metric": k, "value": float(v)} for k, v in m.items()]
@@ -257,7 +297,8 @@ def evaluate_subject(smk: Any) -> None:
 
     # params.info: the subject's details (EvaluationPlan.evaluate_params); cfg: the evaluation config
     p = SimpleNamespace(**smk.params.info, cfg=smk.params.cfg, config=smk.params.config)
-    models = json.loads(Path(smk.input.models).read_text())["Networks"]
+    record = json.loads(Path(smk.input.models).read_text())
+    models = record["Networks"]
     inferred = apply_networks(
         p.key, p.images, models,
         {net: {o: smk.output[f"{net_label(net)}_{o}"] for o in outs} for net, outs in p.networks.items()},
@@ -279,7 +320,11 @@ def evaluate_subject(smk: Any) -> None:
     for net in p.networks:
         outputs[net] = {o: _load(path)[0] for o, path in inferred[net]["outputs"].items()}
         infer_s[net] = float(inferred[net]["predict_seconds"]) + float(inferred[net]["load_seconds"])
-    metrics, curves, lesions = subject_metrics(outputs, refs, brain, zooms, threshold, tissue_threshold)
+    outputs[BASELINE] = {"lesion": _load(f["baseline"])[0]}
+    val_thresholds = {net: inferred[net]["val_threshold"] for net in p.networks}
+    val_thresholds[BASELINE] = ((record.get("Baseline") or {}).get("LesionThreshold") or {}).get("validation")
+    metrics, curves, lesions = subject_metrics(outputs, refs, brain, zooms, threshold, tissue_threshold,
+                                               val_thresholds)
     chain = {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()}
     meta = {"subject": p.key, "site": p.site, "group": p.group, "split": p.split}
     for df in (metrics, curves, lesions):
@@ -307,27 +352,38 @@ def evaluate_subject(smk: Any) -> None:
     qc["T2w"] = _load(f["raw_t2w"])[0]
     qc["FLAIR"] = _load(f["raw_flair"])[0]
     underlay = _load(f["mrf_t2w"])[0].mean(axis=-1)
+    # FLAIR in T2w space for the lead section (without it the report shows the MRF underlay and says so)
+    flair_t2w = f.get("flair_t2w")
+    flair = _load(flair_t2w)[0] if flair_t2w and Path(flair_t2w).is_file() else None
     results = []
     for net, maps in outputs.items():
         m = metrics[(metrics.network == net) & (metrics.reference == "pipeline")]
         c = curves[(curves.network == net) & (curves.reference == "pipeline")] if len(curves) else curves
         les = lesions[(lesions.network == net) & (lesions.reference == "pipeline")] if len(lesions) else lesions
-        hist = pd.read_csv(inferred[net]["history"], sep="\t")
+        rec = inferred.get(net, {})  # the baseline has no inference record (no model, no history)
+        hist = pd.read_csv(rec["history"], sep="\t") if rec.get("history") else pd.DataFrame()
+        mdict = dict(zip(m.metric, m.value, strict=True))
+        vt = rec.get("val_threshold")
+        vt = mdict.get("lesion_threshold_vt") if vt is None else vt
         results.append(NetworkResult(
-            name=net, outputs=maps, references={k: refs["pipeline"][k] for k in maps},
+            name=net, outputs=maps, references={k: refs["pipeline"][k] for k in maps if k in refs["pipeline"]},
             curves=c.rename(columns={"ldr": "detection_rate"})[["threshold", "dice", "detection_rate"]]
             if len(c) else pd.DataFrame(columns=["threshold", "dice", "detection_rate"]),
-            lesions=_lesion_rows(les), history=hist,
-            metrics=dict(zip(m.metric, m.value, strict=True)), threshold=threshold, inference_s=infer_s[net],
+            lesions=_lesion_rows(les), history=hist, metrics=mdict, threshold=threshold,
+            inference_s=infer_s.get(net, math.nan),
+            val_threshold=None if vt is None or not math.isfinite(float(vt)) else float(vt),
         ))
     truth = None
     if "truth" in refs:
         tm = metrics[metrics.reference == "truth"]
         truth = tm.pivot_table(index="metric", columns="network", values="value", aggfunc="first").reset_index()
+    networks_cfg = p.config.get("networks") or []
     report = SubjectReport(
         subject=p.key, session=p.session, site=p.site, group=f"{p.group} ({p.split} subject)", qc=qc,
         underlay=underlay, manual=refs["pipeline"]["lesion"], networks=results, timings=timings,
         provenance=provenance(p.config), truth_metrics=truth,
+        lead=networks_cfg[0]["name"] if networks_cfg else None, flair=flair,
+        voxel_ml=float(np.prod(np.asarray(zooms, dtype=np.float64))) / 1000.0,
     )
     write_subject_report(report, smk.output.report)
 
@@ -357,7 +413,12 @@ def group_tables(metrics: pd.DataFrame, splits: Sequence[str]) -> dict[str, pd.D
 
 
 def group_evaluation(smk: Any) -> None:
-    from .evaluate.report import write_group_report
+    """The group TSVs and report. The report opens with per-site plots of the lesion metrics (every
+    network and the baseline, the recommended network, first in ``networks:``, first; against the
+    phantom's truth when present, else the pipeline's references) and a one-row-per-subject overview;
+    a family of tests that cannot run on the cohort is said in one sentence."""
+    from .evaluate.report import plot_reference, write_group_report
+    from .evaluate.tables import network_tests_note, ran_and_skipped, site_tests_note, subject_overview
 
     p = smk.params
     metrics = pd.concat([pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=True)
@@ -383,8 +444,9 @@ def group_evaluation(smk: Any) -> None:
     write_text(out.network_tests, tables["network_tests"].to_csv(sep="\t", index=False, na_rep="n/a"))
     write_text(out.failed, failed.to_csv(sep="\t", index=False))
     write_text(out.times, times_df.to_csv(sep="\t", index=False, na_rep="n/a"))
-    main_metrics = {"pipeline:lesion_dice", "pipeline:lesion_ldr", "pipeline:T1_mrd", "pipeline:T2star_mrd",
-                    "pipeline:NAWM_dice", "pipeline:GM_dice", "truth:lesion_dice", "truth:T1_mrd"}
+    main_metrics = {f"{ref}:{m}" for ref in ("pipeline", "truth") for m in ("lesion_dice", "lesion_ldr", "lw_f1")}
+    main_metrics |= {"pipeline:T1_mrd", "pipeline:T2star_mrd", "pipeline:NAWM_dice", "pipeline:GM_dice",
+                     "truth:T1_mrd"}
     summary = tables["summary"]
     main = summary[summary.metric.isin(main_metrics)]
     if len(main):
@@ -395,16 +457,55 @@ def group_evaluation(smk: Any) -> None:
         short = pd.DataFrame({"note": [f"no {'/'.join(p.splits)} subjects with metrics"]})
     cur = curves[(curves["reference"] == "pipeline") & curves["split"].isin(list(p.splits))]
     cohort = cur[["site", "network", "subject", "threshold", "dice"]].reset_index(drop=True)
+
+    # ----- what the report leads with
+    sel = metrics[metrics["split"].isin(list(p.splits))].reset_index(drop=True)
+    networks_cfg = p.config.get("networks") or []
+    lead = networks_cfg[0]["name"] if networks_cfg else None
+    ref = plot_reference(sel)
+    t = (p.config.get("evaluation") or {}).get("threshold")
+    threshold = float(t) if t is not None else None
+    lead_metrics = set(sel.loc[(sel["network"] == lead) & (sel["reference"] == ref), "metric"])
+    suffix = "_vt" if "lw_sensitivity_vt" in lead_metrics else ""
+    overview = subject_overview(sel, lead, ref, suffix=suffix, inputs=inputs)
+    at = "its validation-chosen threshold" if suffix else (
+        f"threshold {threshold:g}" if threshold is not None else "the default threshold")
+    overview_caption = (
+        f"Lesions of the reference ({ref}), and those {lead} detects or misses at {at} with its false-positive "
+        "components (rule A: 26-connected components of at least 0.01 ml; a lesion is detected when a predicted "
+        "component overlaps it). Flags: no reference lesions; all / half or more of the lesions missed; more "
+        "false positives than lesions"
+        + (f"; the baseline's lesion Dice above {lead}'s" if (sel["network"] == "baseline").any() else "")
+        + ("; skipped subjects (failed input checks)." if len(failed) else ".")
+    )
+    prefixed = sel.assign(metric=sel["reference"] + ":" + sel["metric"])
+    sections: dict[str, Any] = {}
+    for title, note, table, what, tsv in (
+        ("Kruskal–Wallis across sites", site_tests_note(prefixed), tables["site_tests"],
+         "network × metric rows", "tests_sites.tsv"),
+        ("Mann–Whitney between networks (Bonferroni)", network_tests_note(prefixed), tables["network_tests"],
+         "network pairs × metric rows", "tests_networks.tsv"),
+    ):
+        if note is not None:
+            sections[title] = note
+        else:
+            ran, skipped = ran_and_skipped(table, what, tsv)
+            sections[title] = [x for x in (skipped, ran if len(ran) else None) if x is not None] or ran
+    n_subj = sel["subject"].nunique()
+    n_sites = sel["site"].nunique()
+    notes = [f"{n_subj} {'/'.join(p.splits)} subject{'s' if n_subj != 1 else ''} at {n_sites} "
+             f"site{'s' if n_sites != 1 else ''}" + (f"; recommended network: {lead}." if lead else ".")]
     write_group_report(
         {
             f"Per-site summary, mean ± sd ({', '.join(p.splits)} subjects; every metric with median [range] "
             "in summary_sites.tsv)": short,
-            "Kruskal–Wallis across sites": tables["site_tests"],
-            "Mann–Whitney between networks (Bonferroni)": tables["network_tests"],
+            **sections,
             "Failed or skipped subjects": failed,
             "Conventional chain vs network inference (seconds per subject)": times_df,
         },
-        cohort, provenance(p.config), out.report,
+        cohort, provenance(p.config), out.report, notes=notes, metrics=sel, overview=overview, lead=lead,
+        networks=[n["name"] for n in networks_cfg], reference=ref, threshold=threshold,
+        overview_caption=overview_caption,
     )
 
 
@@ -465,12 +566,15 @@ class EvaluationPlan:
         return d
 
     def evaluate_files(self, stem: str) -> dict[str, str]:
-        """The images an evaluation reads, named ``ref_<map>``, ``mask``, ``mrf_t2w``, ``raw_<kind>``."""
+        """The images an evaluation reads, named ``ref_<map>``, ``mask``, ``mrf_t2w``, ``flair_t2w``,
+        ``raw_<kind>``."""
         s = self.plan.subjects[stem]
         d = {f"ref_{k}": f"{self.out}/" + v.format(stem=stem) for k, v in REFERENCE_FILES.items()
              if k not in ("mask", "mrf")}
         d["mask"] = f"{self.out}/" + REFERENCE_FILES["mask"].format(stem=stem)
         d["mrf_t2w"] = f"{self.out}/" + REFERENCE_FILES["mrf"].format(stem=stem)
+        d["flair_t2w"] = f"{self.out}/" + FLAIR_T2W.format(stem=stem)
+        d["baseline"] = f"{self.out}/" + BASELINE_IMAGE.format(stem=stem)
         d.update(raw_mrf=s.files["mrf"], raw_t2w=s.files["t2w"], raw_flair=s.files["flair"])
         return d
 

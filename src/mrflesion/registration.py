@@ -374,6 +374,27 @@ def apply_to_t2w(
     return out
 
 
+def image_to_t2w(
+    image_path: ImageLike,
+    result: RegistrationResult,
+    reference_t2w: ImageLike,
+    interpolation: str = "bSpline",
+    threads: int = 2,
+    binary: bool = False,
+) -> np.ndarray:
+    """A 3D image (e.g. the FLAIR) resampled onto the T2w grid with ``result``'s transforms
+    (``binary``: the image is read as a 0/1 mask first); float32."""
+    set_threads(threads)
+    img = load_image(image_path)
+    ref = load_image(reference_t2w)
+    fixed = nib_to_ants(np.zeros(ref.shape[:3], dtype=np.float32), ref.affine)
+    data = np.asarray(img.dataobj)
+    data = (data > 0).astype(np.float32) if binary else data.astype(np.float32)
+    if data.ndim == 4:
+        data = data[..., 0]
+    return _apply_volume(fixed, data, img.affine, result.transforms(), interpolation).astype(np.float32)
+
+
 def mask_to_t2w(
     mask_path: ImageLike,
     result: RegistrationResult,
@@ -386,17 +407,10 @@ def mask_to_t2w(
 
     Linear interpolation of the 0/1 mask, then threshold at ``threshold`` (>=); output uint8.
     """
-    set_threads(threads)
-    mimg = load_image(mask_path)
-    ref = load_image(reference_t2w)
-    fixed = nib_to_ants(np.zeros(ref.shape[:3], dtype=np.float32), ref.affine)
-    data = (np.asarray(mimg.dataobj) > 0).astype(np.float32)
-    if data.ndim == 4:
-        data = data[..., 0]
-    prob = _apply_volume(fixed, data, mimg.affine, result.transforms(), "linear")
+    prob = image_to_t2w(mask_path, result, reference_t2w, "linear", threads, binary=True)
     out = (prob >= threshold).astype(np.uint8)
     if out_path is not None:
-        _save(out, ref, out_path, dtype=np.uint8)
+        _save(out, load_image(reference_t2w), out_path, dtype=np.uint8)
     return out
 
 
