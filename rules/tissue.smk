@@ -12,7 +12,7 @@ rule tissue:
         WM=f"{OUT}/{{stem}}_space-T2w_label-WM_probseg.nii.gz",
         CSF=f"{OUT}/{{stem}}_space-T2w_label-CSF_probseg.nii.gz",
         NAWM=f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz",
-        baseline=f"{OUT}/" + BASELINE_IMAGE.format(stem="{stem}"),
+        baseline=f"{OUT}/{BASELINE_IMAGE.format(stem='{stem}')}",
     params:
         # written by the registration job with T1
         siblings=siblings(

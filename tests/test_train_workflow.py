@@ -45,14 +45,25 @@ def _rows(n: int, sites: int = 2, seed: int = 42) -> list[dict]:
 
 
 def test_config_lists_the_eight_networks_of_table1() -> None:
+    """The recommended network first, then rows of Table 1 (the demo: those that fit its budget; the
+    paper overlay: all eight, with the paper's training settings, which are the schema defaults)."""
+    table1 = default_networks()
     cfg = _config()
-    assert cfg["networks"] == default_networks()
+    assert cfg["networks"][0]["name"] == "MTL-5" and cfg["networks"][0]["loss"] == "multitask"
+    assert all(n in table1 for n in cfg["networks"][1:]) and len(cfg["networks"]) > 1
     schema = yaml.safe_load((ROOT / "config.schema.yaml").read_text())["properties"]
-    assert schema["networks"]["default"] == default_networks()
-    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["training"]
+    assert schema["networks"]["default"] == table1
+    overlay = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    assert overlay["networks"][0]["name"] == "MTL-5" and overlay["networks"][1:] == table1
+    assert not {"epochs", "lr", "widths", "bridge"} & set(overlay["networks"][0])  # paper-sized training
+    paper = overlay["training"]
     defaults = {k: v["default"] for k, v in schema["training"]["properties"].items() if "default" in v}
+    split_defaults = {k: v["default"] for k, v in schema["training"]["properties"]["split"]["properties"].items()}
     for k, v in paper.items():  # the overlay holds the paper values, which are the schema defaults
-        assert defaults[k] == v, k
+        if k == "split":
+            assert all(split_defaults[kk] == vv for kk, vv in v.items()), v
+        else:
+            assert defaults[k] == v, k
     assert (paper["widths"], paper["bridge"], paper["patch_size"], paper["patches_per_slice"]) == (
         [32, 64, 128], 256, 64, 64)
     assert (paper["epochs"], paper["batch_size"], paper["lr"], paper["lr_halve_every"]) == (100, 64, 1e-4, 20)
@@ -60,7 +71,7 @@ def test_config_lists_the_eight_networks_of_table1() -> None:
 
 def test_splits_demo_cohort() -> None:
     cfg = _config()["training"]["split"]
-    rows = _rows(12)
+    rows = _rows(_config()["phantom"]["subjects"])
     table = learn_steps.make_splits(rows, cfg)
     assert list(table.columns) == ["subject", "site", "group", "split"]
     assert sorted(table["subject"]) == sorted(r["subject"] for r in rows)  # every subject once
@@ -78,7 +89,7 @@ def test_splits_demo_cohort() -> None:
 
 
 def test_splits_paper_cohort_and_tiny_cohorts() -> None:
-    cfg = _config()["training"]["split"]
+    cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["training"]["split"]
     table = learn_steps.make_splits(_rows(48), cfg)
     counts = table.groupby(["split", "site"]).size().to_dict()
     assert counts[("test", "site1")] == 2 and counts[("test", "site2")] == 3
@@ -240,7 +251,7 @@ def test_dry_run_one_job_per_network(tmp_path: Path) -> None:
     names = [n["name"] for n in _config()["networks"]]
     jobs = _train_jobs(log)
     assert sorted(jobs) == sorted(names)
-    assert re.search(r"train_network\s+8\b", log)
+    assert re.search(rf"train_network\s+{len(names)}\b", log)
     for res in jobs.values():
         assert "mem_mb=4000" in res and "runtime=60" in res and "gpu" not in res
     # test subjects are no input of any training job
@@ -259,7 +270,7 @@ def test_slurm_profile_gives_training_a_gpu(tmp_path: Path) -> None:
     jobs = _train_jobs(log)
     threads = _config()["training"]["threads"]
     cpus = threads if res["cpus_per_gpu"] == "threads" else int(res["cpus_per_gpu"])
-    assert len(jobs) == 8
+    assert len(jobs) == len(_config()["networks"])
     for r in jobs.values():
         assert "gpu=1" in r and f"cpus_per_gpu={cpus}" in r and "mem_mb=4000" in r
 

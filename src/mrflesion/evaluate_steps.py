@@ -132,9 +132,9 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
                 "Sources": [str(model)] + [str(v) for k, v in subject.items() if k != "subject"],
                 "Inference": {k: v for k, v in rec.items() if k != "affine"},
             })
-        chosen = ck.get("lesion_threshold") or {}
+        chosen = ck.get("lesion_threshold") or None
         record[net] = {
-            "model": model, "history": models[net]["History"], "val_threshold": chosen.get("threshold"),
+            "model": model, "history": models[net]["History"], "val_threshold": chosen,
             "outputs": {name: str(paths[name]) for name in outs},
             **{k: rec[k] for k in ("device", "mode", "load_seconds", "predict_seconds")},
         }
@@ -154,9 +154,11 @@ def _load(path: str | Path) -> tuple[np.ndarray, Any]:
 
 
 def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: Sequence[float],
-                   threshold: float) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+                   threshold: float, min_lesion_ml: float = 0.0) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
     """Every lesion metric of DESIGN.md section 5 for one probability map: metrics, the threshold
-    sweep (threshold, dice, ldr) and the per-lesion table (rule A).
+    sweep (threshold, dice, ldr) and the per-lesion table (rule A). The binary mask is
+    ``prob >= threshold`` without its components smaller than ``min_lesion_ml``
+    (:func:`mrflesion.evaluate.lesion_mask`).
 
     Reviewer-grade keys (conventions in ``evaluate.metrics`` / ``evaluate.lesionwise``): lw_f1 and
     lw_precision (rule A lesion detection), lesion_ndsc (nDSC, r = 0.001, region = ``brain``),
@@ -165,11 +167,11 @@ def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: 
     from .evaluate import (
         VOLUME_GROUPS,
         absolute_volume_difference,
-        binarise,
         detection_rate,
         dice,
         group_detection,
         hd95,
+        lesion_mask,
         lesion_table,
         lesionwise_metrics,
         msseg_detection,
@@ -180,8 +182,8 @@ def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: 
     )
 
     ref_bin = ref >= 0.5
-    pred_bin = binarise(prob, threshold)
     vml = voxel_volume_ml(zooms)
+    pred_bin = lesion_mask(prob, threshold, vml, min_lesion_ml)
     m: dict[str, float] = {
         "lesion_dice": dice(pred_bin, ref_bin) if ref_bin.any() else math.nan,
         "lesion_ldr": detection_rate(pred_bin, ref_bin),
@@ -233,14 +235,15 @@ def subject_metrics(
     zooms: Sequence[float],
     threshold: float,
     tissue_threshold: float = 0.8,
-    val_thresholds: Mapping[str, float | None] | None = None,
+    val_thresholds: Mapping[str, Mapping[str, float] | None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Long tables for one subject: metrics (network, reference, metric, value), curves (network,
     reference, threshold, dice, ldr) and lesions (network, reference, lesion table columns).
 
-    ``val_thresholds``: per network, its lesion threshold chosen on the validation subjects; the lesion
-    metrics are then also given at that threshold, named with the suffix ``_vt`` (the threshold itself
-    as ``lesion_threshold_vt``); the curves and lesion tables are those at ``threshold``."""
+    ``val_thresholds``: per network, its operating point chosen on the validation subjects
+    (``{"threshold", "min_lesion_ml"}``); the lesion metrics are then also given there, named with the
+    suffix ``_vt`` (the point itself as ``lesion_threshold_vt`` and ``lesion_min_ml_vt``); the curves
+    and lesion tables are those at ``threshold``."""
     rows, curves, lesions = [], [], []
     for net, maps in outputs.items():
         vt = (val_thresholds or {}).get(net)
@@ -253,10 +256,12 @@ def subject_metrics(
                     curves.append(c.assign(network=net, reference=refname))
                     les = les.rename(columns={"group": "volume_group"})
                     lesions.append(les.assign(network=net, reference=refname))
-                    if vt is not None:
-                        mv = lesion_metrics(pred, refmaps[name], brain, zooms, float(vt))[0]
+                    if vt:
+                        mv = lesion_metrics(pred, refmaps[name], brain, zooms, float(vt["threshold"]),
+                                            float(vt.get("min_lesion_ml", 0.0)))[0]
                         m.update({f"{k}_vt": v for k, v in mv.items() if k not in REFERENCE_ONLY_METRICS})
-                        m["lesion_threshold_vt"] = float(vt)
+                        m["lesion_threshold_vt"] = float(vt["threshold"])
+                        m["lesion_min_ml_vt"] = float(vt.get("min_lesion_ml", 0.0))
                 else:
                     m = map_metrics(name, pred, refmaps[name], brain, tissue_threshold=tissue_threshold)
                 rows += [{"network": net, "reference": refname, "metric": k, "value": float(v)} for k, v in m.items()]
@@ -322,7 +327,8 @@ def evaluate_subject(smk: Any) -> None:
         infer_s[net] = float(inferred[net]["predict_seconds"]) + float(inferred[net]["load_seconds"])
     outputs[BASELINE] = {"lesion": _load(f["baseline"])[0]}
     val_thresholds = {net: inferred[net]["val_threshold"] for net in p.networks}
-    val_thresholds[BASELINE] = ((record.get("Baseline") or {}).get("LesionThreshold") or {}).get("validation")
+    base = (record.get("Baseline") or {}).get("LesionThreshold")
+    val_thresholds[BASELINE] = base and {"threshold": base["validation"], "min_lesion_ml": base["min_lesion_ml"]}
     metrics, curves, lesions = subject_metrics(outputs, refs, brain, zooms, threshold, tissue_threshold,
                                                val_thresholds)
     chain = {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()}
@@ -363,8 +369,7 @@ def evaluate_subject(smk: Any) -> None:
         rec = inferred.get(net, {})  # the baseline has no inference record (no model, no history)
         hist = pd.read_csv(rec["history"], sep="\t") if rec.get("history") else pd.DataFrame()
         mdict = dict(zip(m.metric, m.value, strict=True))
-        vt = rec.get("val_threshold")
-        vt = mdict.get("lesion_threshold_vt") if vt is None else vt
+        vt = mdict.get("lesion_threshold_vt")
         results.append(NetworkResult(
             name=net, outputs=maps, references={k: refs["pipeline"][k] for k in maps if k in refs["pipeline"]},
             curves=c.rename(columns={"ldr": "detection_rate"})[["threshold", "dice", "detection_rate"]]
@@ -372,6 +377,7 @@ def evaluate_subject(smk: Any) -> None:
             lesions=_lesion_rows(les), history=hist, metrics=mdict, threshold=threshold,
             inference_s=infer_s.get(net, math.nan),
             val_threshold=None if vt is None or not math.isfinite(float(vt)) else float(vt),
+            val_min_lesion_ml=float(mdict.get("lesion_min_ml_vt", 0.0)),
         ))
     truth = None
     if "truth" in refs:

@@ -332,9 +332,7 @@ def run_training(
         "BestValidationMetrics": {
             k: (float(v) if math.isfinite(float(v)) else None) for k, v in best_row.items() if k.startswith("val_")
         },
-        "LesionThreshold": None if chosen is None else {
-            "validation": chosen["threshold"], "validation_dice": chosen["dice"],
-            "rule": "maximises the pooled lesion Dice of the validation subjects (thresholds 0.01-0.99)"},
+        "LesionThreshold": operating_point_record(chosen),
         "Parameters": summary["parameters"],
         "Device": str(device),
         "Threads": int(threads),
@@ -437,20 +435,30 @@ def model_record(smk: Any) -> None:
 
 
 def baseline_threshold(subjects: Sequence[Mapping[str, str]]) -> dict[str, Any]:
-    """The classical baseline's lesion threshold chosen like the networks' (pooled Dice of the
-    validation subjects inside their brain masks, thresholds 0.01-0.99)."""
+    """The classical baseline's operating point chosen like the networks' on the validation subjects
+    (:func:`mrflesion.evaluate.choose_operating_point`)."""
     import nibabel as nib
     import numpy as np
 
-    from .evaluate.metrics import best_pooled_threshold, pooled_counts
+    from .evaluate.lesionwise import choose_operating_point
+    from .evaluate.metrics import voxel_volume_ml
 
-    counts = 0
+    cases = []
     for s in subjects:
+        img = nib.load(s["baseline"])
         brain = np.asarray(nib.load(s["mask"]).dataobj) > 0.5
-        prob = np.asarray(nib.load(s["baseline"]).dataobj, dtype=np.float32)[brain]
-        counts = counts + pooled_counts(prob, (np.asarray(nib.load(s["lesion"]).dataobj) > 0.5)[brain])
-    chosen = None if isinstance(counts, int) else best_pooled_threshold(counts)
-    return {"LesionThreshold": None if chosen is None else {
-        "validation": chosen["threshold"], "validation_dice": chosen["dice"],
-        "rule": "maximises the pooled lesion Dice of the validation subjects (thresholds 0.01-0.99)"},
-        "ValidationSubjects": [s["baseline"] for s in subjects]}
+        prob = np.asarray(img.dataobj, dtype=np.float32) * brain
+        cases.append((prob, np.asarray(nib.load(s["lesion"]).dataobj) > 0.5,
+                      voxel_volume_ml(img.header.get_zooms()[:3])))
+    return {"LesionThreshold": operating_point_record(choose_operating_point(cases)),
+            "ValidationSubjects": [s["baseline"] for s in subjects]}
+
+
+def operating_point_record(chosen: Mapping[str, float] | None) -> dict[str, Any] | None:
+    """The ``LesionThreshold`` entry of a model's sidecar and of ``models.json``."""
+    if chosen is None:
+        return None
+    return {"validation": chosen["threshold"], "validation_dice": chosen["dice"],
+            "min_lesion_ml": chosen["min_lesion_ml"], "validation_lesionwise_f1": chosen["f1"],
+            "rule": "threshold 0.01-0.99 maximising the pooled lesion Dice of the validation subjects, then the "
+                    "minimum lesion size maximising their mean lesion-wise F1"}

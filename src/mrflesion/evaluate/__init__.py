@@ -1,10 +1,13 @@
 """Evaluation: voxel-wise metrics, lesion-wise rules and group tables (DESIGN §5)."""
 
 from .lesionwise import (
+    MIN_LESION_ML,
     VOLUME_GROUPS,
+    choose_operating_point,
     clean_components,
     group_detection,
     lesion_f1,
+    lesion_mask,
     lesion_table,
     lesionwise_metrics,
     msseg_detection,
@@ -37,11 +40,13 @@ from .metrics import (
 from .tables import network_tests, normality, site_summary, site_tests
 
 __all__ = [
+    "MIN_LESION_ML",
     "VOLUME_GROUPS",
     "absolute_volume_difference",
     "accuracy",
     "best_pooled_threshold",
     "binarise",
+    "choose_operating_point",
     "clean_components",
     "confusion",
     "detection_rate",
@@ -51,6 +56,7 @@ __all__ = [
     "iou",
     "label_components",
     "lesion_f1",
+    "lesion_mask",
     "lesion_table",
     "lesionwise_metrics",
     "mean_relative_deviation",

@@ -55,12 +55,13 @@ their detection rate (NaN for a group without lesions).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .metrics import label_components
+from .metrics import DEFAULT_THRESHOLDS, best_pooled_threshold, binarise, label_components, pooled_counts
 
 VOLUME_GROUP_EDGES_ML = (0.2, 0.7, 2.0, 5.0)
 VOLUME_GROUPS = ("G1", "G2", "G3", "G4", "G5")
@@ -372,3 +373,45 @@ def msseg_detection(
         "precision": ppv,
         "f1": f1,
     }
+
+
+# ---------------------------------------------------------------------------------------- operating point
+
+#: Minimum lesion sizes (ml) tried for a lesion mask's operating point (0: keep every component).
+MIN_LESION_ML = (0.0, 0.025, 0.05, 0.075, 0.1)
+
+
+def lesion_mask(prob: np.ndarray, threshold: float, voxel_ml: float, min_lesion_ml: float = 0.0) -> np.ndarray:
+    """The binary lesion mask of a probability map at an operating point: ``prob >= threshold``, then
+    26-connected components smaller than ``min_lesion_ml`` removed."""
+    b = binarise(prob, threshold)
+    if min_lesion_ml > 0:
+        labels, _, _ = clean_components(b, voxel_ml, min_lesion_ml)
+        b = labels > 0
+    return b
+
+
+def choose_operating_point(
+    cases: Sequence[tuple[np.ndarray, np.ndarray, float]],
+    thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
+    min_sizes_ml: Sequence[float] = MIN_LESION_ML,
+) -> dict[str, float] | None:
+    """A lesion map's operating point chosen on validation subjects ``cases`` = (probability map,
+    reference mask, voxel ml) each (3D, zero outside the brain): the threshold maximising the pooled
+    Dice (:func:`best_pooled_threshold`; the Dice does not see small false-positive components), then,
+    at that threshold, the minimum lesion size of ``min_sizes_ml`` maximising the mean lesion-wise F1
+    (which does; ties go to the smaller size). Returns ``{"threshold", "dice", "min_lesion_ml", "f1"}``
+    (``dice``: pooled, at the threshold with every component kept), or None without reference voxels."""
+    if not cases:
+        return None
+    counts = sum(pooled_counts(p, r, thresholds) for p, r, _ in cases)
+    best = best_pooled_threshold(counts, thresholds)
+    if best is None:
+        return None
+    t = best["threshold"]
+    scores = []
+    for m in min_sizes_ml:
+        f1 = [lesionwise_metrics(lesion_mask(p, t, v, m), r, v)["f1"] for p, r, v in cases]
+        scores.append(float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan"))
+    i = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
+    return {**best, "min_lesion_ml": float(min_sizes_ml[i]), "f1": scores[i]}

@@ -112,6 +112,7 @@ class NetworkResult:
     inference_s: float
     description: str = ""
     val_threshold: float | None = None  # lesion threshold chosen on the validation subjects, when known
+    val_min_lesion_ml: float = 0.0  # with it: the minimum lesion size chosen on the validation subjects
 
 
 @dataclass
@@ -644,7 +645,8 @@ def _lead_threshold(net: NetworkResult) -> tuple[float, str]:
     """The lead's threshold for its binarised prediction, and how it was chosen (for the captions)."""
     vt = net.val_threshold
     if vt is not None and not _is_missing(vt) and 0.0 < float(vt) <= 1.0:
-        return float(vt), f"its validation-chosen threshold {float(vt):.3g}"
+        size = f", lesions of at least {net.val_min_lesion_ml:g} ml" if net.val_min_lesion_ml > 0 else ""
+        return float(vt), f"its validation-chosen threshold {float(vt):.3g}{size}"
     return float(net.threshold), f"the default threshold {float(net.threshold):.3g} (no validation threshold known)"
 
 
@@ -730,6 +732,10 @@ def _lead_section(r: SubjectReport) -> str:
         manual = np.zeros(prob.shape)
     manual_bin = manual >= 0.5
     pred = prob >= threshold
+    if threshold == net.val_threshold and net.val_min_lesion_ml > 0 and r.voxel_ml:
+        from .lesionwise import lesion_mask
+
+        pred = lesion_mask(prob, threshold, float(r.voxel_ml), net.val_min_lesion_ml)
     underlays: list[tuple[str, np.ndarray]] = []
     if r.flair is not None and _as3d(r.flair).shape == prob.shape:
         underlays.append(("FLAIR (T2w space)", _as3d(r.flair)))

@@ -237,23 +237,24 @@ def evaluate(
 def choose_threshold(
     model: UNet, subjects: Sequence[SubjectData], spec: NetworkSpec, device: torch.device, batch_slices: int = 8
 ) -> dict[str, float] | None:
-    """The lesion threshold (0.01-0.99) maximising the pooled lesion Dice over ``subjects`` (validation
-    subjects: never test ones) against their lesion masks; ties go to the threshold nearest 0.5.
-    Returns ``{"threshold", "dice"}``, or None when the network has no lesion output or the subjects
-    no lesion."""
-    from ..evaluate.metrics import best_pooled_threshold, pooled_counts
+    """The lesion operating point on ``subjects`` (validation subjects: never test ones) against their
+    lesion masks (:func:`mrflesion.evaluate.choose_operating_point`: the threshold 0.01-0.99 maximising
+    the pooled Dice, then the minimum lesion size maximising the lesion-wise F1). Returns
+    ``{"threshold", "dice", "min_lesion_ml", "f1"}``, or None when the network has no lesion output or
+    the subjects no lesion."""
+    from ..evaluate.lesionwise import choose_operating_point
+    from ..evaluate.metrics import voxel_volume_ml
 
     if "lesion" not in spec.outputs:
         return None
     c = spec.outputs.index("lesion")
-    counts = 0
+    cases = []
     for s in subjects:
         if s.lesion is None:
             continue
-        keep = s.brain.reshape(s.n_slices, -1).any(axis=1)
-        prob = predict_slices(model, s.inputs[keep], device, batch_slices)[..., c][s.brain[keep]]
-        counts = counts + pooled_counts(prob, s.lesion[keep][s.brain[keep]])
-    return None if isinstance(counts, int) else best_pooled_threshold(counts)
+        prob = predict_slices(model, s.inputs, device, batch_slices)[..., c] * s.brain
+        cases.append((prob, s.lesion, voxel_volume_ml(np.sqrt((s.affine[:3, :3] ** 2).sum(axis=0)))))
+    return choose_operating_point(cases)
 
 
 def history_columns(spec: NetworkSpec) -> list[str]:
