@@ -171,7 +171,7 @@ def test_network_accuracy_on_test_subjects(demo: dict) -> None:
 #: below what it reaches on the demo (see README) so that CPU-dependent training noise cannot fail them,
 #: far above what an empty map or an all-brain map scores (0).
 LESION_DICE_FLOOR = 0.35
-LESION_LDR_FLOOR = 0.5
+LESION_LDR_FLOOR = 0.4
 
 
 def test_recommended_network_finds_the_lesions(demo: dict) -> None:

@@ -177,3 +177,31 @@ def test_recipe_trains_resumes_and_records_threshold(subjects, tmp_path) -> None
     a, b = load_ckpt(tmp_path / "a" / "last.pt"), load_ckpt(tmp_path / "b" / "last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_operating_point_drops_small_false_positives() -> None:
+    """Validation subjects with true lesions found and small spurious components: the pooled-Dice
+    threshold, then the minimum lesion size that removes the spurious components (better lesion-wise
+    F1), never one that removes true lesions."""
+    from mrflesion.evaluate import choose_operating_point, lesionwise_metrics
+
+    cases = []
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        prob = np.zeros((30, 30, 10), np.float32)
+        ref = np.zeros(prob.shape, bool)
+        ref[5:10, 5:10, 2:5] = True  # 75 voxels
+        prob[ref] = 0.9
+        for _ in range(4):  # single-voxel false positives
+            x, y, z = rng.integers(15, 29, 3) % np.array([30, 30, 10])
+            prob[x, y, z] = 0.95  # above the lesions: no threshold keeps the lesions without them
+        cases.append((prob, ref, 0.012))
+    got = choose_operating_point(cases)
+    assert got["threshold"] <= 0.9 and got["dice"] == pytest.approx(2 * 150 / (2 * 150 + 8))
+    assert got["min_lesion_ml"] == 0.025  # the smallest size that removes one-voxel (0.012 ml) components
+    p, r, v = cases[0]
+    from mrflesion.evaluate import lesion_mask
+
+    assert lesionwise_metrics(lesion_mask(p, got["threshold"], v, got["min_lesion_ml"]), r, v)["fp"] == 0
+    assert got["f1"] == 1.0
+    assert choose_operating_point([(np.zeros((4, 4, 4)), np.zeros((4, 4, 4), bool), 0.01)]) is None
