@@ -154,11 +154,13 @@ def _load(path: str | Path) -> tuple[np.ndarray, Any]:
 
 
 def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: Sequence[float],
-                   threshold: float, min_lesion_ml: float = 0.0) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+                   threshold: float, min_lesion_ml: float = 0.0,
+                   sweep: bool = True) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame | None]:
     """Every lesion metric of DESIGN.md section 5 for one probability map: metrics, the threshold
     sweep (threshold, dice, ldr) and the per-lesion table (rule A). The binary mask is
     ``prob >= threshold`` without its components smaller than ``min_lesion_ml``
-    (:func:`mrflesion.evaluate.lesion_mask`).
+    (:func:`mrflesion.evaluate.lesion_mask`). ``sweep=False`` skips the threshold sweep (it does not
+    depend on the threshold; None is returned in its place).
 
     Reviewer-grade keys (conventions in ``evaluate.metrics`` / ``evaluate.lesionwise``): lw_f1 and
     lw_precision (rule A lesion detection), lesion_ndsc (nDSC, r = 0.001, region = ``brain``),
@@ -204,7 +206,7 @@ def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: 
     ms = msseg_detection(pred_bin, ref_bin, vml * 1000.0)
     for k in ("sensitivity", "ppv", "f1", "fp"):
         m[f"msseg_{k}"] = float(ms[k])
-    curves = threshold_sweep(prob, ref_bin)
+    curves = threshold_sweep(prob, ref_bin) if sweep else None
     lesions = lesion_table(pred_bin, ref_bin, vml)
     n_group, det_group = group_detection(lesions["volume_ml"].to_numpy(), lesions["detected"].to_numpy())
     for g, n, det in zip(VOLUME_GROUPS, n_group, det_group, strict=True):
@@ -258,7 +260,7 @@ def subject_metrics(
                     lesions.append(les.assign(network=net, reference=refname))
                     if vt:
                         mv = lesion_metrics(pred, refmaps[name], brain, zooms, float(vt["threshold"]),
-                                            float(vt.get("min_lesion_ml", 0.0)))[0]
+                                            float(vt.get("min_lesion_ml", 0.0)), sweep=False)[0]
                         m.update({f"{k}_vt": v for k, v in mv.items() if k not in REFERENCE_ONLY_METRICS})
                         m["lesion_threshold_vt"] = float(vt["threshold"])
                         m["lesion_min_ml_vt"] = float(vt.get("min_lesion_ml", 0.0))

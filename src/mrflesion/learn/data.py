@@ -341,7 +341,9 @@ def _lesion_points(subjects: Sequence[SubjectData], meta: Sequence[tuple]) -> tu
     weights 1 / (voxels of the voxel's 3D lesion, 26-connected), normalised to sum 1."""
     from scipy import ndimage
 
-    row_of = {(m[0], m[1]): i for i, m in enumerate(meta)}
+    row_of = [np.full(s.n_slices, -1, dtype=np.int64) for s in subjects]  # subject slice -> dataset row
+    for i, m in enumerate(meta):
+        row_of[m[0]][m[1]] = i
     points, weights = [], []
     for si, s in enumerate(subjects):
         if s.lesion is None or not s.lesion.any():
@@ -349,7 +351,7 @@ def _lesion_points(subjects: Sequence[SubjectData], meta: Sequence[tuple]) -> tu
         labels, n = ndimage.label(s.lesion, structure=np.ones((3, 3, 3), bool))
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         z, y, x = np.nonzero(labels)
-        rows = np.array([row_of.get((si, int(k)), -1) for k in z], dtype=np.int64)
+        rows = row_of[si][z]
         keep = rows >= 0
         points.append(np.stack([rows[keep], y[keep], x[keep]], axis=1))
         weights.append(1.0 / sizes[labels[z[keep], y[keep], x[keep]]])

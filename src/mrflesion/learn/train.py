@@ -7,10 +7,11 @@
 * ``out_dir/history.tsv``: one row per epoch (losses per output, validation metrics, lr, seconds).
   ``out_dir/best.pt``: the weights with the lowest validation loss (model selection uses validation
   data only) plus spec and normalisation, enough for :func:`predict_volume`.
-* Validation threshold: when training ends, the lesion probability threshold that maximises the pooled
-  lesion Dice of the validation subjects (against their lesion masks, thresholds 0.01-0.99 in steps of
-  0.01; :func:`choose_threshold`) is stored in ``best.pt`` (``lesion_threshold``) beside the paper's
-  33 %. Test subjects never reach training, model selection or this threshold.
+* Validation operating point: when training ends, the lesion threshold that maximises the pooled
+  lesion Dice of the validation subjects (against their lesion masks, thresholds 0.01-0.99), then the
+  minimum lesion size that maximises their lesion-wise F1 (:func:`choose_threshold`), are stored in
+  ``best.pt`` (``lesion_threshold``) beside the paper's 33 %. Test subjects never reach training, model
+  selection or this choice.
 * Resume: ``out_dir/last.pt`` is written atomically after every epoch and on preemption; it holds the
   weights, optimizer, scheduler, RNG states (python, numpy, torch), sampler state (seed, epoch, position
   in the epoch), the partial epoch's loss sums, the best metric and the history. Calling :func:`train`
