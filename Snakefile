@@ -44,9 +44,10 @@ rule all:
         # the group evaluation depends on every subject's evaluation job (reports included), which
         # depends on every participant-level output (listing those as well would only lengthen the
         # plan of a large cohort)
-        rules.participant.input if TRAINING.problem() else [],
+        # (in apply mode every subject's chain, also of a subject whose inference is refused)
+        rules.participant.input if TRAINING.problem() or APPLY else [],
         rules.group.input,
-        [] if TRAINING.problem() else rules.train.input,
+        [] if TRAINING.problem() or APPLY else rules.train.input,
         [] if TRAINING.problem() else rules.group_evaluation.output,
 
 

@@ -17,6 +17,7 @@ rule evaluate_subject:
         info=planned(lambda wc: EVAL.evaluate_params(wc.stem)),
         inference=config["inference"],
         cfg=config["evaluation"],
+        lesion_table=config["lesion_table"],
         config=config,
     threads: int(config["inference"]["threads"])
     resources:
@@ -32,10 +33,11 @@ rule evaluate_subject:
 rule group_evaluation:
     input:
         inputs=f"{OUT}/group/inputs.tsv",
-        splits=f"{OUT}/group/splits.tsv",
+        # the split (none in apply mode: every subject is new to the networks)
+        **({} if APPLY else {"splits": f"{OUT}/group/splits.tsv"}),
         # one output per subject's evaluation job (its metrics and curves tables, written by the same
         # job, are params: fewer declared files keep planning a large cohort fast)
-        json=[EVAL.subject_outputs(s)["json"] for s in STEMS],
+        json=[EVAL.subject_outputs(s)["json"] for s in EVAL.stems],
     output:
         metrics=f"{OUT}/group/metrics.tsv",
         summary=f"{OUT}/group/summary_sites.tsv",
@@ -43,11 +45,16 @@ rule group_evaluation:
         network_tests=f"{OUT}/group/tests_networks.tsv",
         failed=f"{OUT}/group/failed.tsv",
         times=f"{OUT}/group/times.tsv",
+        lesions=f"{OUT}/group/lesions.tsv",
+        lesion_sites=f"{OUT}/group/lesions_sites.tsv",
         report=f"{OUT}/group/report.html",
     params:
-        metrics=[EVAL.subject_outputs(s)["metrics"] for s in STEMS],
-        curves=[EVAL.subject_outputs(s)["curves"] for s in STEMS],
-        splits=config["evaluation"]["summary_splits"],
+        metrics=[EVAL.subject_outputs(s)["metrics"] for s in EVAL.stems],
+        curves=[EVAL.subject_outputs(s)["curves"] for s in EVAL.stems],
+        quant=[EVAL.subject_outputs(s)["quant"] for s in EVAL.stems],
+        splits=EVAL.summary_splits(),
+        networks=list(EVAL.networks),
+        refused=EVAL.refused_rows(),
         config=config,
     log:
         f"{WORK}/logs/group_evaluation.log",

@@ -21,6 +21,8 @@ rule participant:
         expand(f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz", stem=STEMS),
         expand(f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_MRF.nii.gz", stem=STEMS),
         expand(f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz", stem=STEMS),
+        # apply mode: the trained networks applied, each subject's evaluation, per-lesion table and report
+        [EVAL.subject_outputs(s)["report"] for s in EVAL.stems] if APPLY else [],
 
 
 rule group_inputs:
@@ -43,3 +45,5 @@ rule group:
     input:
         f"{OUT}/dataset_description.json",
         f"{OUT}/group/inputs.tsv",
+        # apply mode: the cohort's per-site tables (metrics, per-lesion) and the group report
+        rules.group_evaluation.output if APPLY else [],

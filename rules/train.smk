@@ -10,97 +10,115 @@
 import re
 
 from mrflesion.learn_steps import TrainingPlan, splits_hash
+from mrflesion.model_card import ApplyPlan, ModelSetError
 
-TRAINING = TrainingPlan(PLAN, config, OUT)
+# Apply mode (config `models`): the networks of a models directory are applied, nothing is trained
+# (mrflesion.model_card); the training rules below are not defined.
+APPLY = bool(config.get("models"))
+if APPLY:
+    try:
+        TRAINING = ApplyPlan(PLAN, config, OUT)
+    except ModelSetError as exc:
+        raise WorkflowError(f"mrflesion: {exc}") from None
+    for _line in TRAINING.refused.values():
+        print(f"mrflesion: no inference for {_line}", file=sys.stderr)
+else:
+    TRAINING = TrainingPlan(PLAN, config, OUT)
+
 
 
 wildcard_constraints:
     network="|".join(re.escape(n) for n in TRAINING.networks) or "$^",
 
 
-rule splits:
-    output:
-        f"{OUT}/group/splits.tsv",
-    params:
-        rows=TRAINING.rows,
-        cfg=TRAINING.cfg["split"],
-        expected=splits_hash(TRAINING.splits),
-    log:
-        f"{WORK}/logs/splits.log",
-    conda:
-        "../envs/learn.yaml"
-    script:
-        "../scripts/splits.py"
+if not APPLY:
+
+    rule splits:
+        output:
+            f"{OUT}/group/splits.tsv",
+        params:
+            rows=TRAINING.rows,
+            cfg=TRAINING.cfg["split"],
+            expected=splits_hash(TRAINING.splits),
+        log:
+            f"{WORK}/logs/splits.log",
+        conda:
+            "../envs/learn.yaml"
+        script:
+            "../scripts/splits.py"
 
 
-localrules:
-    training_set,
-    model_record,
+    localrules:
+        training_set,
+        model_record,
 
 
-# the training and validation subjects' finished chains, once for all networks (see learn_steps)
-rule training_set:
-    input:
-        TRAINING.ready_files(),
-    output:
-        TRAINING.training_set_record(WORK),
-    params:
-        subjects={split: TRAINING.subjects_all(split) for split in ("train", "val")},
-    log:
-        f"{WORK}/logs/train/training_set.log",
-    conda:
-        "../envs/learn.yaml"
-    script:
-        "../scripts/training_set.py"
+    # the training and validation subjects' finished chains, once for all networks (see learn_steps)
+    rule training_set:
+        input:
+            TRAINING.ready_files(),
+        output:
+            TRAINING.training_set_record(WORK),
+        params:
+            subjects={split: TRAINING.subjects_all(split) for split in ("train", "val")},
+        log:
+            f"{WORK}/logs/train/training_set.log",
+        conda:
+            "../envs/learn.yaml"
+        script:
+            "../scripts/training_set.py"
 
 
-rule train_network:
-    input:
-        splits=f"{OUT}/group/splits.tsv",
-        training_set=TRAINING.training_set_record(WORK),
-    output:
-        best=f"{OUT}/models/{{network}}/best.pt",
-        history=f"{OUT}/models/{{network}}/history.tsv",
-        sidecar=f"{OUT}/models/{{network}}/best.json",
-    params:
-        spec=planned(lambda wc: TRAINING.networks[wc.network]),
-        cfg=TRAINING.train_cfg,
-        train_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "train")),
-        val_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "val")),
-        state_dir=planned(lambda wc: f"{WORK}/train/{wc.network}"),
-    threads: int(TRAINING.cfg["threads"])
-    resources:
-        mem_mb=int(TRAINING.cfg["mem_mb"]),
-        runtime=int(TRAINING.cfg["runtime_min"]),
-    log:
-        f"{WORK}/logs/train/{{network}}.log",
-    conda:
-        "../envs/learn.yaml"
-    script:
-        "../scripts/train.py"
+    rule train_network:
+        input:
+            splits=f"{OUT}/group/splits.tsv",
+            training_set=TRAINING.training_set_record(WORK),
+        output:
+            best=f"{OUT}/models/{{network}}/best.pt",
+            history=f"{OUT}/models/{{network}}/history.tsv",
+            sidecar=f"{OUT}/models/{{network}}/best.json",
+        params:
+            spec=planned(lambda wc: TRAINING.networks[wc.network]),
+            cfg=TRAINING.train_cfg,
+            train_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "train")),
+            val_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "val")),
+            state_dir=planned(lambda wc: f"{WORK}/train/{wc.network}"),
+        threads: int(TRAINING.cfg["threads"])
+        resources:
+            mem_mb=int(TRAINING.cfg["mem_mb"]),
+            runtime=int(TRAINING.cfg["runtime_min"]),
+        log:
+            f"{WORK}/logs/train/{{network}}.log",
+        conda:
+            "../envs/learn.yaml"
+        script:
+            "../scripts/train.py"
 
 
-rule model_record:
-    input:
-        best=expand(f"{OUT}/models/{{network}}/best.pt", network=list(TRAINING.networks)),
-        history=expand(f"{OUT}/models/{{network}}/history.tsv", network=list(TRAINING.networks)),
-        sidecar=expand(f"{OUT}/models/{{network}}/best.json", network=list(TRAINING.networks)),
-    output:
-        f"{OUT}/models/models.json",
-    params:
-        networks=list(TRAINING.networks),
-        # the classical baseline's threshold is chosen on the validation subjects too (their chains
-        # are finished: the training jobs depend on the training set record)
-        baseline=TRAINING.baseline_validation(),
-    log:
-        f"{WORK}/logs/train/models_record.log",
-    conda:
-        "../envs/learn.yaml"
-    script:
-        "../scripts/model_record.py"
+    rule model_record:
+        input:
+            best=expand(f"{OUT}/models/{{network}}/best.pt", network=list(TRAINING.networks)),
+            history=expand(f"{OUT}/models/{{network}}/history.tsv", network=list(TRAINING.networks)),
+            sidecar=expand(f"{OUT}/models/{{network}}/best.json", network=list(TRAINING.networks)),
+        output:
+            record=f"{OUT}/models/models.json",
+            cards=expand(f"{OUT}/models/{{network}}/model_card.json", network=list(TRAINING.networks)),
+        params:
+            networks=list(TRAINING.networks),
+            # the model cards' training cohort, MRF schedules and configuration hash (mrflesion.model_card)
+            card=TRAINING.card_info(config),
+            # the classical baseline's threshold is chosen on the validation subjects too (their chains
+            # are finished: the training jobs depend on the training set record)
+            baseline=TRAINING.baseline_validation(),
+        log:
+            f"{WORK}/logs/train/models_record.log",
+        conda:
+            "../envs/learn.yaml"
+        script:
+            "../scripts/model_record.py"
 
 
-rule train:
-    input:
-        f"{OUT}/group/splits.tsv",
-        f"{OUT}/models/models.json",
+    rule train:
+        input:
+            f"{OUT}/group/splits.tsv",
+            f"{OUT}/models/models.json",

@@ -142,14 +142,15 @@ def test_group_evaluation_writes_every_table(tmp_path, splits) -> None:
     files = [_write_subject(tmp_path, f"sub-0{i}", f"site{1 + i % 2}", "test", 0.2 * i) for i in range(1, 5)]
     (tmp_path / "inputs.tsv").write_text("subject\tsite\tgroup\tstatus\treason\nsub-01\tsite1\tpatient\tok\tn/a\n"
                                          "sub-09\tn/a\tn/a\tskipped\tmissing t2w input: /x/sub-09_T2w.nii.gz\n")
-    names = ["metrics", "summary", "site_tests", "network_tests", "failed", "times", "report"]
+    names = ["metrics", "summary", "site_tests", "network_tests", "failed", "times", "lesions", "lesion_sites",
+             "report"]
     out = {k: str(tmp_path / "group" / f"{k}.{'html' if k == 'report' else 'tsv'}") for k in names}
     (tmp_path / "group").mkdir()
     smk = SimpleNamespace(
         input=SimpleNamespace(inputs=str(tmp_path / "inputs.tsv"), json=[str(f["json"]) for f in files]),
         output=SimpleNamespace(**out),
         params=SimpleNamespace(metrics=[str(f["metrics"]) for f in files], curves=[str(f["curves"]) for f in files],
-                               splits=splits, config={"a": 1}))
+                               quant=[], networks=["A", "B"], splits=splits, config={"a": 1}))
     ev.group_evaluation(smk)
     failed = pd.read_csv(out["failed"], sep="\t")
     assert list(failed.subject) == ["sub-09"] and "missing t2w" in failed.reason[0]

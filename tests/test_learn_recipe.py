@@ -205,3 +205,19 @@ def test_operating_point_drops_small_false_positives() -> None:
     assert lesionwise_metrics(lesion_mask(p, got["threshold"], v, got["min_lesion_ml"]), r, v)["fp"] == 0
     assert got["f1"] == 1.0
     assert choose_operating_point([(np.zeros((4, 4, 4)), np.zeros((4, 4, 4), bool), 0.01)]) is None
+
+
+def test_threshold_near_ties_go_to_one_half() -> None:
+    """A pooled validation Dice that beats the one at 0.5 by less than the tolerance is noise: the
+    threshold stays at 0.5; a clearly better one is taken."""
+    from mrflesion.evaluate import best_pooled_threshold
+
+    thr = np.array([0.3, 0.5, 0.9])
+    ref = 100
+    # |P|, |TP|, |R| per threshold; Dice 0.80, 0.80, 0.805 -> near tie; then 0.80, 0.80, 0.90
+    near = np.array([[100, 80, ref], [100, 80, ref], [100, 80.5, ref]])
+    assert best_pooled_threshold(near, thr)["threshold"] == 0.9  # exact maximum without tolerance
+    assert best_pooled_threshold(near, thr, tolerance=0.01)["threshold"] == 0.5
+    clear = np.array([[100, 80, ref], [100, 80, ref], [100, 90, ref]])
+    got = best_pooled_threshold(clear, thr, tolerance=0.01)
+    assert got["threshold"] == 0.9 and got["dice"] == pytest.approx(0.9)

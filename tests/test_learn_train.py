@@ -264,3 +264,28 @@ def test_split_subjects():
     )
     b = split_subjects(small, seed=0)
     assert len(b["test"]) == 2 and len(b["val"]) == 2 and len(b["train"]) == 3 and "A-hc" in b["train"]
+
+
+def test_weight_average_saved_and_resumed(subjects, tmp_path):
+    """``ema``: the moving average (not the raw weights) is validated and saved in best.pt; it is in
+    last.pt, so 2 epochs + resume to 3 equals 3 straight."""
+    kw = {**TINY, "epochs": 3, "ema": 0.9, "norm": "batch"}
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    train(MSE5, subjects[:3], subjects[3:], straight_dir, **kw)
+    last = load_ckpt(straight_dir / "last.pt")
+    avg = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert avg.keys() == last["model"].keys()
+    differs = [k for k in avg if avg[k].is_floating_point() and not torch.equal(avg[k], last["model"][k])]
+    assert differs  # the average is not the raw weights
+    best = load_ckpt(straight_dir / "best.pt")
+    if best["epoch"] == 3:
+        for k in best["model"]:
+            assert torch.equal(best["model"][k], avg[k]), k
+    train(MSE5, subjects[:3], subjects[3:], resumed_dir, **{**kw, "epochs": 2})
+    train(MSE5, subjects[:3], subjects[3:], resumed_dir, **kw)
+    _assert_same_state(straight_dir / "last.pt", resumed_dir / "last.pt")
+    again = load_ckpt(resumed_dir / "last.pt")["ema"]
+    for k in last["ema"]:
+        assert torch.equal(last["ema"][k], again[k]), k
+    with pytest.raises(ResumeMismatch):
+        train(MSE5, subjects[:3], subjects[3:], resumed_dir, **{**kw, "ema": 0.5, "epochs": 4})

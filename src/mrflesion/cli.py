@@ -1,11 +1,13 @@
 """BIDS-app command line.
 
-    mrflesion BIDS_DIR OUTPUT_DIR participant|group [--participant-label L ...] [snakemake options]
+    mrflesion BIDS_DIR OUTPUT_DIR participant|group [--participant-label L ...] [--models DIR] [snakemake options]
     mrflesion phantom OUT --subjects N --sites S --seed K [--grid demo|paper] [--longitudinal]
 
 The first form runs the repository's Snakefile with the repository's config.yaml, overridden by
 the paths and labels given here (written to a small config file in the work directory), and passes
 every option it does not know on to snakemake (``--cores 8``, ``-n``, ``--profile profiles/slurm``...).
+``--models DIR`` is apply mode (config ``models``): the trained networks of DIR (a previous run's
+``models/``) are applied, nothing is trained (:mod:`mrflesion.model_card`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--session-label", nargs="+", default=[], metavar="LABEL")
     p.add_argument("-w", "--work-dir", type=Path, help="intermediate files (default: ./mrflesion_work)")
     p.add_argument("--config-file", type=Path, help="a config.yaml to use instead of the repository's")
+    p.add_argument("--models", type=Path, metavar="DIR",
+                   help="apply mode: trained networks (a previous run's models/ directory: models.json and "
+                        "<network>/best.pt, model_card.json); nothing is trained")
     p.add_argument("--version", action="version", version=f"mrflesion {__version__}")
     return p
 
@@ -71,6 +76,11 @@ def build_command(argv: list[str]) -> tuple[list[str], Path]:
         "exclude_participant_label": _strip_sub(args.exclude_participant_label, "participant"),
         "sessions": _strip_sub(args.session_label, "session"),
     }
+    if args.models is not None:
+        models = args.models.resolve()
+        if not (models / "models.json").is_file():
+            raise SystemExit(f"mrflesion: --models: no models.json in {models}")
+        overrides["models"] = str(models)
     overlay = work_dir / "mrflesion_cli_config.yaml"
     overlay.write_text(yaml.safe_dump(overrides, sort_keys=False))
     base_config = (args.config_file or root / "config.yaml").resolve()

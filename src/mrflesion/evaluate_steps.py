@@ -59,7 +59,19 @@ TRUTH_FILES = {
     "WM": "{stem}_space-T2w_label-WM_probseg.nii.gz",
     "GM": "{stem}_space-T2w_label-GM_probseg.nii.gz",
     "lesion": "{stem}_space-T2w_label-lesion_mask.nii.gz",
+    "lesionid": "{stem}_space-T2w_desc-lesionid_dseg.nii.gz",
 }
+
+#: The phantom's per-lesion truth (BIDS dseg look-up table of ``lesionid``: location class, drawn ratios).
+TRUTH_LESION_TABLE = "{stem}_space-T2w_desc-lesionid_dseg.tsv"
+
+#: Quantitative maps of the per-lesion table (dictionary maps in T2w space), relative to output_dir.
+QUANT_FILES = {
+    "T1": "{stem}_acq-MRFEPI_space-T2w_T1map.nii.gz",
+    "T2star": "{stem}_acq-MRFEPI_space-T2w_T2starmap.nii.gz",
+    "B1": "{stem}_acq-MRFEPI_space-T2w_TB1map.nii.gz",
+}
+CSF_T2W = "{stem}_space-T2w_label-CSF_probseg.nii.gz"
 
 #: The FLAIR in T2w space (rule ``register``; written with the registered lesion mask).
 FLAIR_T2W = "{stem}_space-T2w_FLAIR.nii.gz"
@@ -301,11 +313,24 @@ def evaluate_subject(smk: Any) -> None:
     """Every trained network applied to one subject (:func:`apply_networks`), then its metrics,
     curves, lesion tables and HTML report."""
     from .evaluate.report import NetworkResult, SubjectReport, write_subject_report
+    from .model_card import schedule_problem
 
     # params.info: the subject's details (EvaluationPlan.evaluate_params); cfg: the evaluation config
+    from .steps import StepError
+
     p = SimpleNamespace(**smk.params.info, cfg=smk.params.cfg, config=smk.params.config)
     record = json.loads(Path(smk.input.models).read_text())
-    models = record["Networks"]
+    models = {}
+    cards: dict[str, Any] = {}
+    for net in p.networks:
+        problem = check_weights(net, p.weights[net], record["Networks"].get(net))
+        card = json.loads(Path(p.cards[net]).read_text()) if Path(p.cards[net]).is_file() else None
+        if card is not None:
+            cards[net] = card
+            problem = problem or schedule_problem(card, p.schedule)
+        if problem:
+            raise StepError(f"{p.key}: {problem}: {p.sidecar if 'schedule' in problem else p.weights[net]}")
+        models[net] = {"Weights": p.weights[net], "History": p.histories[net]}
     inferred = apply_networks(
         p.key, p.images, models,
         {net: {o: smk.output[f"{net_label(net)}_{o}"] for o in outs} for net, outs in p.networks.items()},
@@ -319,7 +344,7 @@ def evaluate_subject(smk: Any) -> None:
     refs: dict[str, dict[str, np.ndarray]] = {"pipeline": {k: _load(f[f"ref_{k}"])[0]
                                                            for k in ("T1", "T2star", "NAWM", "GM", "lesion")}}
     if p.truth:
-        t = {k: _load(v)[0] for k, v in p.truth.items()}
+        t = {k: _load(v)[0] for k, v in p.truth.items() if k != "lesionid"}
         refs["truth"] = {"T1": t["T1"], "T2star": t["T2star"], "GM": t["GM"], "lesion": t["lesion"],
                          "NAWM": t["WM"] * (t["lesion"] < 0.5)}
     outputs: dict[str, dict[str, np.ndarray]] = {}
@@ -349,6 +374,12 @@ def evaluate_subject(smk: Any) -> None:
     })
     write_text(smk.output.curves, curves.to_csv(sep="\t", index=False, na_rep="n/a"))
     write_text(smk.output.lesions, lesions.to_csv(sep="\t", index=False, na_rep="n/a"))
+    quant, quant_side = subject_lesion_quant(
+        p, refs["pipeline"]["lesion"], outputs, val_thresholds, threshold, brain, zooms, smk.params.lesion_table)
+    for i, (name, value) in enumerate(meta.items()):
+        quant.insert(i, name, value)
+    write_text(smk.output.quant, quant.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"))
+    write_json(_sidecar_path(smk.output.quant.replace(".tsv", ".nii.gz")), quant_side)
 
     # ----- report
     timings = {f"conventional: {k}": v for k, v in chain.items()}
@@ -385,15 +416,121 @@ def evaluate_subject(smk: Any) -> None:
     if "truth" in refs:
         tm = metrics[metrics.reference == "truth"]
         truth = tm.pivot_table(index="metric", columns="network", values="value", aggfunc="first").reset_index()
-    networks_cfg = p.config.get("networks") or []
     report = SubjectReport(
         subject=p.key, session=p.session, site=p.site, group=f"{p.group} ({p.split} subject)", qc=qc,
         underlay=underlay, manual=refs["pipeline"]["lesion"], networks=results, timings=timings,
         provenance=provenance(p.config), truth_metrics=truth,
-        lead=networks_cfg[0]["name"] if networks_cfg else None, flair=flair,
+        lead=p.lead, flair=flair,
         voxel_ml=float(np.prod(np.asarray(zooms, dtype=np.float64))) / 1000.0,
+        lesion_quant=quant_report_table(quant), lesion_quant_caption=quant_caption(quant_side),
+        model_cards=cards,
     )
     write_subject_report(report, smk.output.report)
+
+
+def check_weights(network: str, weights: str, entry: Mapping[str, Any] | None) -> str | None:
+    """Why the weights of ``network`` may not be used: not in the models record, or not the file the
+    record's sha256 names (None: fine)."""
+    if entry is None:
+        return f"network {network} is not in the models record"
+    expected = entry.get("WeightsSha256")
+    if expected and hashlib.sha256(Path(weights).read_bytes()).hexdigest() != expected:
+        return f"weights of network {network} differ from the models record's sha256"
+    return None
+
+
+#: Columns of the per-lesion table shown in the subject report (the TSV has them all).
+QUANT_REPORT_COLUMNS = ["source", "lesion", "volume_ml", "location", "T1_mean", "T1_mean_ratio", "T2star_mean",
+                        "T2star_mean_ratio", "B1_mean", "T1_median", "T2star_median"]
+
+
+def subject_lesion_quant(p: Any, manual: np.ndarray, outputs: Mapping[str, Mapping[str, np.ndarray]],
+                         val_thresholds: Mapping[str, Mapping[str, float] | None], threshold: float,
+                         brain: np.ndarray, zooms: Sequence[float],
+                         cfg: Mapping[str, float]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The per-lesion table of one subject (mrflesion.evaluate.lesion_quant): the manual mask's lesions
+    (``source`` = manual), then each network's and the baseline's, binarised at its validation
+    operating point (threshold and minimum lesion size; else at ``threshold``); with the phantom's
+    truth where present. Returns the table and its JSON sidecar (column units, sources, NAWM
+    references, masks)."""
+    from .evaluate import lesion_mask, voxel_volume_ml
+    from .evaluate.lesion_quant import QUANT_UNITS, LesionTableRules, quantify_lesions, with_truth
+
+    rules = LesionTableRules.from_config(cfg)
+    f = p.files
+    maps = {k: _load(f[f"quant_{k}"])[0] for k in QUANT_UNITS}
+    csf = _load(f["csf"])[0]
+    nawm = _load(f["ref_NAWM"])[0]
+    gm = _load(f["ref_GM"])[0]
+    manual_bin = manual >= 0.5
+    masks: dict[str, tuple[np.ndarray, dict[str, Any]]] = {"manual": (manual_bin, {"mask": f["ref_lesion"]})}
+    vml = voxel_volume_ml(zooms)
+    for net, out in outputs.items():
+        if "lesion" not in out:
+            continue
+        vt = val_thresholds.get(net)
+        thr = float(vt["threshold"]) if vt else threshold
+        min_ml = float(vt.get("min_lesion_ml", 0.0)) if vt else 0.0
+        masks[net] = (lesion_mask(out["lesion"] * brain, thr, vml, min_ml),
+                      {"threshold": thr, "min_lesion_ml": min_ml,
+                       "operating_point": "validation" if vt else "evaluation.threshold"})
+    truth = None
+    if p.truth:
+        t = {k: _load(p.truth[k])[0] for k in ("T1", "T2star", "WM", "lesion", "lesionid")}
+        table = pd.read_csv(p.truth_table, sep="\t")
+        truth = {"truth_ids": t["lesionid"].astype(np.int64),
+                 "truth_locations": dict(zip(table["index"].astype(int), table["location"].astype(str), strict=True)),
+                 "truth_maps": {"T1": t["T1"], "T2star": t["T2star"]},
+                 "truth_nawm": t["WM"] * (t["lesion"] < 0.5), "truth_lesion": t["lesion"]}
+    frames, refs = [], {}
+    for source, (mask, how) in masks.items():
+        tab, ref = quantify_lesions(mask, maps, nawm, csf, gm, brain, zooms, rules, exclude=manual_bin)
+        if truth is not None:
+            tab = with_truth(tab, mask, csf=csf, rules=rules, **truth)
+        refs[source] = {"nawm_reference": ref, **how}
+        frames.append(tab.assign(source=source))
+    quant = pd.concat(frames, ignore_index=True)
+    quant = quant[["source"] + [c for c in quant.columns if c != "source"]]
+    units = {"volume_ml": "ml", "ventricle_distance_mm": "mm", "cortex_distance_mm": "mm",
+             "centroid_ijk": "voxel indices (T2w grid)", "voxels": "1", "measured_voxels": "1"}
+    for name, unit in QUANT_UNITS.items():
+        units.update({f"{name}_mean": unit, f"{name}_median": unit, f"{name}_mean_ratio": "1 (to NAWM)",
+                      f"{name}_median_ratio": "1 (to NAWM)"})
+    sidecar = {
+        "Description": "Per-lesion table: every 26-connected lesion of the manual mask (source manual) and of "
+                       "each network's and the baseline's binarised lesion map; volume, location class and the "
+                       "dictionary maps' mean / median over the lesion's measured voxels, also relative to the "
+                       "subject's NAWM (mrflesion.evaluate.lesion_quant).",
+        "Units": units,
+        "LocationClasses": "infratentorial (not assessed: no infratentorial mask in T2w space), periventricular, "
+                           "juxtacortical, deep_white_matter",
+        "Settings": dict(cfg),
+        "Sources": [f[f"quant_{k}"] for k in QUANT_UNITS] + [f["csf"], f["ref_NAWM"], f["ref_GM"], f["ref_lesion"]]
+                   + [str(v) for v in p.truth.values()],
+        "Masks": refs,
+    }
+    if truth is not None:
+        sidecar["Truth"] = ("truth_lesion: phantom lesion overlapped most (0 none); truth_location: its class as "
+                            "the generator drew it; truth_<map>_mean_ratio: the same measurement (same voxels) on "
+                            "the phantom's true maps and true NAWM")
+    return quant, sidecar
+
+
+def quant_report_table(quant: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in QUANT_REPORT_COLUMNS if c in quant.columns]
+    cols += [c for c in ("truth_location", "truth_T1_mean_ratio", "truth_T2star_mean_ratio") if c in quant.columns]
+    return quant[cols].reset_index(drop=True)
+
+
+def quant_caption(side: Mapping[str, Any]) -> str:
+    parts = []
+    for source, how in side["Masks"].items():
+        ref = how["nawm_reference"]
+        where = (f"at threshold {how['threshold']:g}, lesions >= {how['min_lesion_ml']:g} ml ({how['operating_point']})"
+                 if "threshold" in how else "manual mask")
+        parts.append(f"{source}: {where}; NAWM T1 {ref['T1']:.0f} ms, T2* {ref['T2star']:.1f} ms, B1 {ref['B1']:.2f}")
+    return ("Every lesion (26-connected) with the dictionary maps' mean over its voxels (CSF excluded) and the "
+            "ratio to the subject's NAWM median. " + "; ".join(parts) + ".")
 
 
 def _lesion_rows(les: pd.DataFrame) -> pd.DataFrame:
@@ -426,7 +563,13 @@ def group_evaluation(smk: Any) -> None:
     phantom's truth when present, else the pipeline's references) and a one-row-per-subject overview;
     a family of tests that cannot run on the cohort is said in one sentence."""
     from .evaluate.report import plot_reference, write_group_report
-    from .evaluate.tables import network_tests_note, ran_and_skipped, site_tests_note, subject_overview
+    from .evaluate.tables import (
+        lesion_site_table,
+        network_tests_note,
+        ran_and_skipped,
+        site_tests_note,
+        subject_overview,
+    )
 
     p = smk.params
     metrics = pd.concat([pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=True)
@@ -435,6 +578,11 @@ def group_evaluation(smk: Any) -> None:
     tables = group_tables(metrics, p.splits)
     inputs = pd.read_csv(smk.input.inputs, sep="\t", dtype=str, keep_default_na=False)
     failed = inputs[inputs["status"] != "ok"][["subject", "status", "reason"]].reset_index(drop=True)
+    refused = list(getattr(p, "refused", None) or [])
+    if refused:  # apply mode: subjects whose inference was refused (MRF schedule)
+        failed = pd.concat([failed, pd.DataFrame(refused, columns=["subject", "status", "reason"])], ignore_index=True)
+    quant = [pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=True) for f in p.quant]
+    lesions_all = pd.concat(quant, ignore_index=True) if quant else pd.DataFrame()
     times = []
     for f in smk.input.json:
         d = json.loads(Path(f).read_text())
@@ -452,6 +600,10 @@ def group_evaluation(smk: Any) -> None:
     write_text(out.network_tests, tables["network_tests"].to_csv(sep="\t", index=False, na_rep="n/a"))
     write_text(out.failed, failed.to_csv(sep="\t", index=False))
     write_text(out.times, times_df.to_csv(sep="\t", index=False, na_rep="n/a"))
+    write_text(out.lesions, lesions_all.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"))
+    lesion_sites = lesion_site_table(lesions_all[lesions_all["split"].isin(list(p.splits))]
+                                     if len(lesions_all) else lesions_all)
+    write_text(out.lesion_sites, lesion_sites.to_csv(sep="\t", index=False, na_rep="n/a"))
     main_metrics = {f"{ref}:{m}" for ref in ("pipeline", "truth") for m in ("lesion_dice", "lesion_ldr", "lw_f1")}
     main_metrics |= {"pipeline:T1_mrd", "pipeline:T2star_mrd", "pipeline:NAWM_dice", "pipeline:GM_dice",
                      "truth:T1_mrd"}
@@ -468,8 +620,8 @@ def group_evaluation(smk: Any) -> None:
 
     # ----- what the report leads with
     sel = metrics[metrics["split"].isin(list(p.splits))].reset_index(drop=True)
-    networks_cfg = p.config.get("networks") or []
-    lead = networks_cfg[0]["name"] if networks_cfg else None
+    network_names = list(p.networks)  # the applied networks, the recommended (lead) one first
+    lead = network_names[0] if network_names else None
     ref = plot_reference(sel)
     t = (p.config.get("evaluation") or {}).get("threshold")
     threshold = float(t) if t is not None else None
@@ -509,10 +661,15 @@ def group_evaluation(smk: Any) -> None:
             "in summary_sites.tsv)": short,
             **sections,
             "Failed or skipped subjects": failed,
+            f"Per-lesion T1, T2*, B1 per site and location class ({', '.join(p.splits)} subjects; mean ± sd; "
+            "ratios to each subject's NAWM; lesions.tsv and lesions_sites.tsv)": lesion_sites[
+                lesion_sites["quantity"].isin(["volume_ml", "T1_mean_ratio", "T2star_mean_ratio"])
+            ].pivot_table(index=["site", "source", "location", "n_subjects", "n_lesions"], columns="quantity",
+                          values="mean_sd", aggfunc="first").reset_index() if len(lesion_sites) else lesion_sites,
             "Conventional chain vs network inference (seconds per subject)": times_df,
         },
         cohort, provenance(p.config), out.report, notes=notes, metrics=sel, overview=overview, lead=lead,
-        networks=[n["name"] for n in networks_cfg], reference=ref, threshold=threshold,
+        networks=network_names, reference=ref, threshold=threshold,
         overview_caption=overview_caption,
     )
 
@@ -531,6 +688,12 @@ class EvaluationPlan:
         self.cfg = config["evaluation"]
         self.networks: dict[str, list[str]] = {n: list(s["outputs"]) for n, s in training.networks.items()}
         check_labels(list(self.networks))
+        #: apply mode: the models directory's networks (mrflesion.model_card.ApplyPlan); else None
+        self.models = getattr(training, "models", None)
+        self.models_dir = self.models.dir if self.models is not None else f"{out_dir}/models"
+        self.refused: dict[str, str] = dict(getattr(training, "refused", {}))
+        #: the subjects that get inference and evaluation (apply mode: not those refused)
+        self.stems = [st for st in plan.stems() if st not in self.refused]
         needed = {k for n in self.networks for k in needed_images(training.networks[n])} | {"mask"}
         self.image_kinds = [k for k in ("mrf", "T1", "T2star", "mask") if k in needed]
         self.truth_dir = f"{plan.bids_dir}/derivatives/truth" if plan.phantom else None
@@ -540,8 +703,22 @@ class EvaluationPlan:
             return {}
         return {k: f"{self.truth_dir}/" + v.format(stem=stem) for k, v in TRUTH_FILES.items()}
 
+    def truth_table(self, stem: str) -> str | None:
+        return f"{self.truth_dir}/" + TRUTH_LESION_TABLE.format(stem=stem) if self.truth_dir else None
+
     def all_truth_files(self) -> list[str]:
-        return [f for st in self.plan.stems() for f in self.truth_files(st).values()]
+        return [f for st in self.plan.stems() for f in [*self.truth_files(st).values(), self.truth_table(st)] if f]
+
+    def summary_splits(self) -> list[str]:
+        """The splits the group tables summarise (apply mode: every subject, split ``apply``)."""
+        from .model_card import APPLY_SPLIT
+
+        return [APPLY_SPLIT] if self.models is not None else list(self.cfg["summary_splits"])
+
+    def refused_rows(self) -> list[dict[str, str]]:
+        """Subjects whose inference is refused (apply mode), as rows of ``group/failed.tsv``."""
+        return [{"subject": self.plan.subjects[st].key, "status": "refused", "reason": line}
+                for st, line in self.refused.items()]
 
     def ready(self, stem: str) -> str:
         """The file that stands for a subject's finished conventional chain (see
@@ -549,7 +726,7 @@ class EvaluationPlan:
         return ready_file(self.out, stem)
 
     def models_record(self) -> str:
-        return f"{self.out}/models/models.json"
+        return f"{self.models_dir}/models.json"
 
     def network_outputs(self, stem: str) -> dict[str, str]:
         """Every network's output files of one subject, named ``<label>_<output>``."""
@@ -583,6 +760,8 @@ class EvaluationPlan:
         d["mrf_t2w"] = f"{self.out}/" + REFERENCE_FILES["mrf"].format(stem=stem)
         d["flair_t2w"] = f"{self.out}/" + FLAIR_T2W.format(stem=stem)
         d["baseline"] = f"{self.out}/" + BASELINE_IMAGE.format(stem=stem)
+        d.update({f"quant_{k}": f"{self.out}/" + v.format(stem=stem) for k, v in QUANT_FILES.items()})
+        d["csf"] = f"{self.out}/" + CSF_T2W.format(stem=stem)
         d.update(raw_mrf=s.files["mrf"], raw_t2w=s.files["t2w"], raw_flair=s.files["flair"])
         return d
 
@@ -598,7 +777,13 @@ class EvaluationPlan:
             "key": s.key, "session": s.session, "site": s.site, "group": s.group or "n/a",
             "split": self.training.split_of.get(f"sub-{s.subject}", "n/a"),
             "networks": self.networks, "truth": self.truth_files(stem), "files": self.evaluate_files(stem),
+            "truth_table": self.truth_table(stem),
             "benchmarks": {step: self.benchmark(step, stem) for step in CHAIN_STEPS},
+            "lead": next(iter(self.networks), None),
+            "weights": {n: f"{self.models_dir}/{n}/best.pt" for n in self.networks},
+            "histories": {n: f"{self.models_dir}/{n}/history.tsv" for n in self.networks},
+            "cards": {n: f"{self.models_dir}/{n}/model_card.json" for n in self.networks},
+            "schedule": self.plan.schedule[stem], "sidecar": s.sidecar,
         }
 
     def subject_outputs(self, stem: str) -> dict[str, str]:
@@ -608,5 +793,6 @@ class EvaluationPlan:
             "json": f"{base}_desc-evaluation_metrics.json",
             "curves": f"{base}_desc-evaluation_curves.tsv",
             "lesions": f"{base}_desc-evaluation_lesions.tsv",
+            "quant": f"{base}_space-T2w_desc-lesions_quant.tsv",
             "report": f"{base}_report.html",
         }

@@ -85,6 +85,7 @@ TRAIN_KEYS = (
     "lesion_share",
     "augment",
     "norm",
+    "ema",
     "widths",
     "bridge",
     "dropout",
@@ -239,6 +240,17 @@ class TrainingPlan:
         return [{"baseline": f"{self.out}/" + BASELINE_IMAGE.format(stem=st),
                  "lesion": f"{self.out}/" + TRAIN_IMAGES["lesion"].format(stem=st),
                  "mask": f"{self.out}/" + TRAIN_IMAGES["mask"].format(stem=st)} for st in self.stems("val")]
+
+    def card_info(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """What the model cards take from the plan (rule ``model_record``): the training cohort per
+        site, the MRF schedules of the training and validation subjects, the configuration's hash."""
+        from .model_card import cohort_summary, config_sha256
+
+        stems = self.stems("train") + self.stems("val")
+        fingerprints = sorted({self.plan.schedule[st] for st in stems})
+        return {"cohort": {"Sites": cohort_summary(self.rows, self.split_of), "SplitsSha256": splits_hash(self.splits)},
+                "schedules": {fp: self.plan.schedules[fp] for fp in fingerprints},
+                "config_sha256": config_sha256(config)}
 
     def training_set_record(self, work_dir: str) -> str:
         """The record of the subjects a training job reads (rule ``training_set``): what the eight
@@ -431,7 +443,24 @@ def model_record(smk: Any) -> None:
             "BestEpoch": side.get("BestEpoch"), "BestValidationMetrics": side.get("BestValidationMetrics"),
             "LesionThreshold": side.get("LesionThreshold"),
         }
-    write_json(smk.output[0], {"Networks": record, "Baseline": baseline_threshold(smk.params.baseline)})
+    write_json(smk.output.record, {"Networks": record, "Baseline": baseline_threshold(smk.params.baseline)})
+    write_model_cards(smk.params.networks, smk.input.best, smk.input.sidecar, smk.output.cards, smk.params.card)
+
+
+def write_model_cards(networks: Sequence[str], best: Sequence[str], sidecars: Sequence[str], cards: Sequence[str],
+                      info: Mapping[str, Any]) -> None:
+    """``models/<network>/model_card.json`` of every network (:func:`mrflesion.model_card.make_card`);
+    ``info``: :meth:`TrainingPlan.card_info`."""
+    from .learn import checkpoint
+    from .model_card import make_card
+    from .workflow import version_info
+
+    software = version_info()
+    for net, weights, sidecar, card in zip(networks, best, sidecars, cards, strict=True):
+        ck = checkpoint.load(weights)
+        side = json.loads(Path(sidecar).read_text())
+        write_json(card, make_card(net, side, ck, hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
+                                   info["cohort"], info["schedules"], software, info["config_sha256"]))
 
 
 def baseline_threshold(subjects: Sequence[Mapping[str, str]]) -> dict[str, Any]:

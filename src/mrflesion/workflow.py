@@ -29,6 +29,10 @@ class Plan:
     problems: list[InputProblem]
     timing: dict[str, str] = field(default_factory=dict)  # stem -> dictionary key
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict)  # dictionary key -> sidecar timing
+    #: stem -> fingerprint of its MRF schedule (Protocol.timing_key; what a model card lists)
+    schedule: dict[str, str] = field(default_factory=dict)
+    #: fingerprint -> the schedule's timing (sidecar form)
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def stems(self) -> list[str]:
         return sorted(self.subjects)
@@ -88,11 +92,15 @@ def make_plan(config: Mapping[str, Any]) -> Plan:
         except (OSError, ValueError) as exc:
             plan.problems.append(InputProblem(s.subject, s.session, s.sidecar, f"unusable MRF sidecar ({exc})"))
             continue
-        key = f"{protocol.timing_key()}_{grid_key}"
+        fingerprint = protocol.timing_key()
+        key = f"{fingerprint}_{grid_key}"
         stem = stem_of(s)
         plan.subjects[stem] = s
         plan.timing[stem] = key
         plan.protocols.setdefault(key, protocol.to_sidecar())
+        plan.schedule[stem] = fingerprint
+        if fingerprint not in plan.schedules:
+            plan.schedules[fingerprint] = protocol.to_sidecar()
     _skip_failed_checks(plan, os.fspath(config.get("work_dir", "results/work")))
     for p in plan.problems:
         print(f"mrflesion: skipping {p}", file=sys.stderr)
@@ -139,6 +147,7 @@ def _skip_failed_checks(plan: Plan, work_dir: str) -> None:
                                           f"{rec['reason']} (input check of an earlier run)"))
         del plan.subjects[stem]
         plan.timing.pop(stem, None)
+        plan.schedule.pop(stem, None)
 
 
 def _grid_key(config: Mapping[str, Any]) -> str:

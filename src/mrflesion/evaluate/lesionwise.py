@@ -379,6 +379,9 @@ def msseg_detection(
 
 #: Minimum lesion sizes (ml) tried for a lesion mask's operating point (0: keep every component).
 MIN_LESION_ML = (0.0, 0.025, 0.05, 0.075, 0.1)
+#: Pooled validation Dice values this close to the best are ties when choosing the threshold (one
+#: boundary voxel per lesion of two validation subjects moves the Dice by about this much).
+THRESHOLD_DICE_TOLERANCE = 0.01
 
 
 def lesion_mask(prob: np.ndarray, threshold: float, voxel_ml: float, min_lesion_ml: float = 0.0) -> np.ndarray:
@@ -395,17 +398,20 @@ def choose_operating_point(
     cases: Sequence[tuple[np.ndarray, np.ndarray, float]],
     thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
     min_sizes_ml: Sequence[float] = MIN_LESION_ML,
+    dice_tolerance: float = THRESHOLD_DICE_TOLERANCE,
 ) -> dict[str, float] | None:
     """A lesion map's operating point chosen on validation subjects ``cases`` = (probability map,
     reference mask, voxel ml) each (3D, zero outside the brain): the threshold maximising the pooled
-    Dice (:func:`best_pooled_threshold`; the Dice does not see small false-positive components), then,
+    Dice (:func:`best_pooled_threshold`; the Dice does not see small false-positive components; Dice
+    values within ``dice_tolerance`` of the best count as ties, resolved towards 0.5, because the
+    Dice-threshold curve of a few validation subjects is flat and its exact maximum is noise), then,
     at that threshold, the minimum lesion size of ``min_sizes_ml`` maximising the mean lesion-wise F1
     (which does; ties go to the smaller size). Returns ``{"threshold", "dice", "min_lesion_ml", "f1"}``
     (``dice``: pooled, at the threshold with every component kept), or None without reference voxels."""
     if not cases:
         return None
     counts = sum(pooled_counts(p, r, thresholds) for p, r, _ in cases)
-    best = best_pooled_threshold(counts, thresholds)
+    best = best_pooled_threshold(counts, thresholds, dice_tolerance)
     if best is None:
         return None
     t = best["threshold"]

@@ -191,16 +191,18 @@ def pooled_counts(
 
 
 def best_pooled_threshold(
-    counts: np.ndarray, thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS
+    counts: np.ndarray, thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS, tolerance: float = 0.0
 ) -> dict[str, float] | None:
-    """The threshold maximising the pooled Dice of summed :func:`pooled_counts` (ties: the one
-    nearest 0.5); ``{"threshold", "dice"}``, or None without reference voxels."""
+    """The threshold maximising the pooled Dice of summed :func:`pooled_counts`; thresholds whose Dice is
+    within ``tolerance`` (absolute) of the best count as ties, and ties go to the one nearest 0.5 (the
+    decision point of a network trained with cross-entropy). ``{"threshold", "dice"}``, or None without
+    reference voxels."""
     counts = np.asarray(counts, dtype=np.float64)
     thr = np.asarray(thresholds, dtype=np.float64).ravel()
     if counts[0, 2] == 0:
         return None
     dice_t = 2.0 * counts[:, 1] / (counts[:, 0] + counts[:, 2])
-    best = np.flatnonzero(dice_t >= dice_t.max() - 1e-12)
+    best = np.flatnonzero(dice_t >= dice_t.max() - max(float(tolerance), 1e-12))
     i = int(best[np.argmin(np.abs(thr[best] - 0.5))])
     return {"threshold": round(float(thr[i]), 6), "dice": float(dice_t[i])}
 

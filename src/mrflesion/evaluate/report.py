@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 import re
@@ -42,6 +43,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -137,6 +139,11 @@ class SubjectReport:
     flair: np.ndarray | None = None
     #: voxel volume in ml (None: the lead's detection table is the network's own, at its 33 % threshold)
     voxel_ml: float | None = None
+    #: per-lesion quantitative table (mrflesion.evaluate.lesion_quant; None: section left out) and its caption
+    lesion_quant: pd.DataFrame | None = None
+    lesion_quant_caption: str = ""
+    #: model card of every applied network (network -> card; None: section left out)
+    model_cards: Mapping[str, Mapping[str, Any]] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -887,11 +894,19 @@ def render_subject_report(r: SubjectReport) -> str:
     lead, _ = lead_network(r)
     toc = [("lesions", f"Lesions ({lead.name if lead else 'no lesion network'})"), ("qc", "Input QC")]
     toc += [(_anchor("net-" + n.name), f"Network {n.name}") for n in r.networks]
+    if r.lesion_quant is not None:
+        toc.insert(1, ("lesion-quant", "Per-lesion T1, T2*, B1"))
     if r.truth_metrics is not None:
         toc.append(("truth", "Phantom ground truth"))
+    if r.model_cards is not None:
+        toc.append(("model-cards", "Model cards"))
     toc += [("timings", "Timings"), ("provenance", "Provenance")]
     body.append("<nav><ul>" + "".join(f'<li><a href="#{a}">{_esc(t)}</a></li>' for a, t in toc) + "</ul></nav>")
     body.append(_lead_section(r))
+    if r.lesion_quant is not None:
+        body.append('<h2 id="lesion-quant">Per-lesion T1, T2*, B1</h2>')
+        body.append(html_table(r.lesion_quant, caption=r.lesion_quant_caption) if len(r.lesion_quant)
+                    else _note("no lesions in the manual mask or in any binarised map"))
     body.append('<h2 id="qc">Input QC</h2>')
     body.append(_qc_section(r.qc))
     if not r.networks:
@@ -901,6 +916,9 @@ def render_subject_report(r: SubjectReport) -> str:
     if r.truth_metrics is not None:
         body.append('<h2 id="truth">Metrics against the phantom ground truth</h2>')
         body.append(html_table(r.truth_metrics) if not r.truth_metrics.empty else _note("no ground-truth metrics"))
+    if r.model_cards is not None:
+        body.append('<h2 id="model-cards">Model cards</h2>')
+        body.append(model_cards_section(r.model_cards))
     body.append('<h2 id="timings">Timings</h2>')
     tt = timings_table(r.timings, r.networks)
     body.append(html_table(tt) if not tt.empty else _note("no timings recorded"))
@@ -908,6 +926,30 @@ def render_subject_report(r: SubjectReport) -> str:
     body.append('<h2 id="provenance">Provenance</h2>')
     body.append(_kv_table(r.provenance.items(), ("item", "value")))
     return _page(f"{r.title}: {who}", body)
+
+
+def _card_value(value: object) -> str:
+    if isinstance(value, Mapping | list):
+        return json.dumps(value, sort_keys=False, default=str)
+    return format_value(value)
+
+
+def model_cards_section(cards: Mapping[str, Mapping[str, Any]]) -> str:
+    """One table per network's model card (``model_card.json``; mrflesion.model_card), its nested
+    entries as compact JSON; the per-site training cohort as its own table."""
+    if not cards:
+        return _note("no model cards")
+    parts = []
+    for net, card in cards.items():
+        parts.append(f'<h3 id="{_anchor("card-" + str(net))}">{_esc(net)}</h3>')
+        tc = card.get("TrainingCohort")
+        cohort = tc.get("Sites") if isinstance(tc, Mapping) else None
+        items = [(k, _card_value(v)) for k, v in card.items() if k != "TrainingCohort"]
+        parts.append(_kv_table(items, ("field", "value")))
+        if cohort:
+            parts.append(html_table(pd.DataFrame(cohort), caption="Training cohort per site (training and "
+                                    "validation subjects)"))
+    return "".join(parts)
 
 
 def _speed_summary(tt: pd.DataFrame) -> str:

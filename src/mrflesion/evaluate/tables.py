@@ -387,3 +387,27 @@ def subject_overview(
         out[c] = pd.array(out[c].tolist(), dtype="Int64") if len(out) else out[c].astype("Int64")
     out["lesion_ml"] = pd.to_numeric(out["lesion_ml"], errors="coerce").astype(np.float64)
     return out.sort_values(["site", "subject"], key=lambda v: v.astype(str), kind="stable").reset_index(drop=True)
+
+
+#: Per-lesion quantities summarised per site in the cohort's lesion table.
+LESION_SITE_METRICS = ("volume_ml", "T1_mean_ratio", "T2star_mean_ratio", "B1_mean_ratio", "T1_mean", "T2star_mean")
+
+
+def lesion_site_table(lesions: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+    """The cohort's per-lesion tables (one row per lesion: site, subject, source, location and the
+    quantities of :data:`LESION_SITE_METRICS`) summarised per site × source × location class (and
+    over all classes, ``all``): n subjects, n lesions, then n, mean ± sd and median [range] of each
+    quantity."""
+    columns = ["site", "source", "location", "n_subjects", "n_lesions", "quantity", *SUMMARY_COLUMNS]
+    if lesions.empty:
+        return pd.DataFrame(columns=columns)
+    data = pd.concat([lesions, lesions.assign(location="all")], ignore_index=True)
+    rows = []
+    for (site, source, location), g in data.groupby(["site", "source", "location"], sort=True):
+        for q in LESION_SITE_METRICS:
+            if q not in g.columns:
+                continue
+            rows.append({"site": site, "source": source, "location": location,
+                         "n_subjects": int(g["subject"].nunique()), "n_lesions": len(g), "quantity": q,
+                         **_describe(pd.to_numeric(g[q], errors="coerce"), digits)})
+    return pd.DataFrame(rows, columns=columns)

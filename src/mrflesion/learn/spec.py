@@ -21,7 +21,7 @@ LOSS_NAMES = ("mse", "mae", "lcl", "dice", "multitask")
 #: Training options a network entry may set for itself (else the ``training:`` section's value).
 NETWORK_TRAINING_KEYS = (
     "epochs", "lr", "lr_halve_every", "patches_per_slice", "lesion_factor", "lesion_share", "augment",
-    "norm", "widths", "bridge", "dropout",
+    "norm", "ema", "widths", "bridge", "dropout",
 )
 
 

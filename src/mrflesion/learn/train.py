@@ -77,6 +77,7 @@ _COMPAT_KEYS = (
     "lesion_share",
     "augment",
     "norm",
+    "ema",
     "lr",
     "lr_halve_every",
     "normalisation",
@@ -147,6 +148,18 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def _weight_average(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """Exponential moving average of ``model``'s weights and buffers (batch-norm statistics), or None
+    for ``decay`` 0."""
+    if not decay:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -361,11 +374,14 @@ def train(
     lesion_share: float = 0.0,
     augment: bool | Mapping[str, Any] = False,
     norm: str = "none",
+    ema: float = 0.0,
 ) -> dict[str, Any]:
     """Train ``spec`` for ``epochs`` epochs in total (resuming from ``out_dir/last.pt`` if present).
 
     ``lesion_share``: share of every batch centred on lesion voxels; ``augment``: see
-    :class:`~mrflesion.learn.data.Augmentation`; ``norm``: the U-net's normalisation layers.
+    :class:`~mrflesion.learn.data.Augmentation`; ``norm``: the U-net's normalisation layers; ``ema``:
+    decay of an exponential moving average of the weights (and normalisation statistics) updated after
+    every batch; when > 0 the average is what is validated, selected and saved (0 = the raw weights).
     Returns a summary: ``epochs_completed``, ``best_epoch``, ``best_val_loss``, ``history`` (list of
     rows), ``parameters``, ``lesion_threshold`` (validation-chosen, or None), paths of
     ``best.pt``/``last.pt``/``history.tsv``. Raises :class:`Preempted`
@@ -400,6 +416,7 @@ def train(
         "lesion_share": float(lesion_share),
         "augment": Augmentation.from_config(augment).to_dict(),
         "norm": norm_layers,
+        "ema": float(ema),
         "lr": float(lr),
         "lr_halve_every": int(lr_halve_every),
         "normalisation": norm.to_dict(),
@@ -424,6 +441,8 @@ def train(
             model.to(memory_format=torch.channels_last)
         n_params = count_parameters(model)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
+        averaged = _weight_average(model, float(ema))
+        kept = averaged.module if averaged is not None else model  # the weights validated and saved
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(lr_halve_every)), gamma=0.5)
         model_config = {
             "in_channels": dataset.n_in,
@@ -444,6 +463,8 @@ def train(
             if bad:
                 raise ResumeMismatch(f"{last_path} was written with different settings: {bad}")
             model.load_state_dict(ck["model"])
+            if averaged is not None:
+                averaged.load_state_dict(ck["ema"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             sampler.load_state_dict(ck["sampler"])
@@ -468,6 +489,7 @@ def train(
                     "model_config": model_config,
                     "normalisation": norm.to_dict(),
                     "model": _state_dict_cpu(model),
+                    **({"ema": averaged.state_dict()} if averaged is not None else {}),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "sampler": sampler.state_dict(),
@@ -521,6 +543,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 acc += per.detach().double()
                 n_acc += 1
                 sampler.advance()
@@ -531,7 +555,7 @@ def train(
             lr_now = float(opt.param_groups[0]["lr"])
             train_losses = (acc / max(1, n_acc)).tolist()
             sched.step()
-            val = evaluate(model, val_data, spec, loss_fn, norm, dev, val_batch_slices)
+            val = evaluate(kept, val_data, spec, loss_fn, norm, dev, val_batch_slices)
             row: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(train_losses))}
             row.update({f"train_loss_{o}": float(v) for o, v in zip(spec.outputs, train_losses, strict=True)})
             row.update(val)
@@ -548,7 +572,7 @@ def train(
                         "spec": spec.to_dict(),
                         "model_config": model_config,
                         "normalisation": norm.to_dict(),
-                        "model": _state_dict_cpu(model),
+                        "model": _state_dict_cpu(kept),
                         "epoch": epochs_done,
                         "val_loss": float(val["val_loss"]),
                         "train_subjects": config["train_subjects"],

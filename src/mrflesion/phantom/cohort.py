@@ -26,6 +26,7 @@ from .anatomy import get_atlas
 from .bids_writer import bids_name, write_json, write_nifti, write_tsv
 from .config import load_config
 from .fields import FourierField, apply_affine
+from .lesions import TRUTH_TABLE_COLUMNS, lesion_id_map, lesion_truth_rows
 from .subject import (
     _S_MANUAL,
     _S_NOISE_FLAIR,
@@ -265,6 +266,13 @@ def _write_session(
         )
         stats["newenlarged_voxels"] = int(newm.sum())
     stats["lesion_voxels_T2w"] = int(les_t.sum())
+    # lesion identities and the generator's per-lesion truth (deterministic: no random draw)
+    ids_t = lesion_id_map(r_t.a, ses.lesions, les_t)
+    truth(nm("dseg", space="T2w", desc="lesionid"), ids_t, aff,
+          _truth_sidecar("1", "Lesion identity of every true-lesion voxel (0 elsewhere); the lesions and "
+                         "their drawn truth are in the .tsv of the same name."))
+    write_tsv(truth_dir / nm("dseg", ".tsv", space="T2w", desc="lesionid"), TRUTH_TABLE_COLUMNS,
+              lesion_truth_rows(ses.lesions, ids_t))
 
     # ------------------------------------------------------------ MRF (distorted)
     sp = spaces["MRF"]

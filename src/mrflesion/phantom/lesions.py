@@ -224,3 +224,43 @@ def lesion_index(
                 hit = b.inside(sub).reshape(vox.size, -1) & (out[vox] == 0)
                 out[vox] = np.where(hit, li + 1, out[vox])
     return out.reshape(points.shape[:-1])
+
+
+#: Columns of the lesion table (BIDS ``dseg.tsv``: ``index``, ``name`` and the lesion's drawn truth).
+TRUTH_TABLE_COLUMNS = ["index", "name", "location", "periventricular", "nominal_volume_ml", "voxels",
+                       "t1_ratio", "t2s_ratio", "t2_ratio", "pd"]
+
+
+def lesion_id_map(anatomical: np.ndarray, lesions: list[Lesion], dominant: np.ndarray) -> np.ndarray:
+    """Lesion identity of every voxel of a lesion mask: the ``lesion_id`` of the lesion containing the
+    voxel centre (``anatomical``: (X, Y, Z, 3) voxel centres in anatomical mm), 0 outside ``dominant``
+    (the mask). A mask voxel whose centre lies in no lesion (partial volume) takes the identity of the
+    nearest voxel that has one. Deterministic: no random draw."""
+    from scipy import ndimage
+
+    mask = np.asarray(dominant) > 0
+    out = np.zeros(mask.shape, dtype=np.int16)
+    if not lesions or not mask.any():
+        return out
+    idx = lesion_index(anatomical[mask], lesions)
+    ids = np.array([0] + [les.lesion_id for les in lesions], dtype=np.int16)
+    out[mask] = ids[idx]
+    missing = mask & (out == 0)
+    if missing.any() and (out > 0).any():
+        nearest = ndimage.distance_transform_edt(out == 0, return_distances=False, return_indices=True)
+        out[missing] = out[tuple(ix[missing] for ix in nearest)]
+    return out
+
+
+def lesion_truth_rows(lesions: list[Lesion], id_map: np.ndarray) -> list[list[Any]]:
+    """One row per lesion (:data:`TRUTH_TABLE_COLUMNS`): the location class the generator drew
+    (periventricular: centre within ``anatomy.periventricular_mm`` of the lateral ventricles, or a
+    multi-part confluent lesion; else deep white matter), its nominal volume, its voxels in ``id_map``
+    and its tissue values relative to the local normal-appearing white matter."""
+    counts = np.bincount(np.asarray(id_map, dtype=np.int64).ravel(),
+                         minlength=max([les.lesion_id for les in lesions], default=0) + 1)
+    return [[les.lesion_id, f"lesion-{les.lesion_id}",
+             "periventricular" if les.periventricular else "deep_white_matter", bool(les.periventricular),
+             round(les.volume_ml, 6), int(counts[les.lesion_id]), round(1.0 + les.t1_increase, 6),
+             round(1.0 + les.t2s_increase, 6), round(1.0 + les.t2_increase, 6), round(les.pd, 6)]
+            for les in lesions]
