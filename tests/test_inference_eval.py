@@ -194,3 +194,26 @@ def test_infer_subject_cache_gives_the_same_outputs(tmp_path) -> None:
         assert a[k].shape == (16, 16, 3) and np.array_equal(a[k], b[k]) and c[k].shape == a[k].shape
         assert (a[k][mask == 0] == 0).all() and (a[k] >= 0).all()
     assert a["lesion"].max() <= 1
+
+
+def test_map_accuracy_over_pure_tissue() -> None:
+    """``*_mrd_pure``: the deviation over voxels where one tissue holds >= 90 %; a partial-volume voxel
+    (no single true T1) counts in ``T1_mrd`` only."""
+    from mrflesion import evaluate_steps as ev
+
+    shape = (6, 6, 2)
+    brain = np.ones(shape, bool)
+    wm = np.zeros(shape, np.float32)
+    gm = np.zeros(shape, np.float32)
+    wm[:3] = 1.0
+    gm[3:] = 0.95
+    wm[0, 0, 0], gm[0, 0, 0] = 0.5, 0.5  # one mixed voxel
+    pure = ev.pure_tissue_mask(wm, gm, brain)
+    assert pure.sum() == brain.sum() - 1 and not pure[0, 0, 0]
+    assert ev.pure_tissue_mask(np.zeros(shape), np.zeros(shape), brain).all()  # CSF: the remainder
+    ref = np.full(shape, 1000.0, np.float32)
+    pred = ref.copy()
+    pred[0, 0, 0] = 2000.0  # wrong only where the truth is undefined
+    m = ev.map_metrics("T1", pred, ref, brain, pure=pure)
+    assert m["T1_mrd_pure"] == 0.0 and m["T1_mrd"] == pytest.approx(1.0 / brain.sum())
+    assert "T1_mrd_pure" not in ev.map_metrics("T1", pred, ref, brain)

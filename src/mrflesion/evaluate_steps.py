@@ -231,14 +231,32 @@ def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: 
 REFERENCE_ONLY_METRICS = frozenset({"lesion_ref_ml", "lw_n_ref"} | {f"lw_n_G{i}" for i in range(1, 6)})
 
 
+#: A voxel is pure tissue when one tissue class (WM incl. lesion, GM, the rest) holds at least this
+#: fraction of it: a partial-volume voxel has no single true T1/T2* (DESIGN.md section 4), so accuracy
+#: against the phantom's truth maps is also given over pure voxels (``*_mrd_pure``).
+PURE_TISSUE_FRACTION = 0.9
+
+
+def pure_tissue_mask(wm: np.ndarray, gm: np.ndarray, brain: np.ndarray,
+                     fraction: float = PURE_TISSUE_FRACTION) -> np.ndarray:
+    """Brain voxels where WM (lesions included), GM or the remainder (CSF) holds ``fraction`` or more."""
+    rest = 1.0 - wm - gm
+    return brain & ((wm >= fraction) | (gm >= fraction) | (rest >= fraction))
+
+
 def map_metrics(name: str, pred: np.ndarray, ref: np.ndarray, brain: np.ndarray,
-                t2s_max_ms: float = 300.0, tissue_threshold: float = 0.8) -> dict[str, float]:
+                t2s_max_ms: float = 300.0, tissue_threshold: float = 0.8,
+                pure: np.ndarray | None = None) -> dict[str, float]:
+    """T1/T2* mean relative deviation inside ``brain`` (and inside ``pure`` as ``*_mrd_pure`` when
+    given), or a tissue map's Dice at ``tissue_threshold``."""
     from .evaluate import mean_relative_deviation, tissue_dice
 
-    if name == "T1":
-        return {"T1_mrd": mean_relative_deviation(pred, ref, brain)}
-    if name == "T2star":
-        return {"T2star_mrd": mean_relative_deviation(pred, np.minimum(ref, t2s_max_ms), brain)}
+    if name in ("T1", "T2star"):
+        r = ref if name == "T1" else np.minimum(ref, t2s_max_ms)
+        out = {f"{name}_mrd": mean_relative_deviation(pred, r, brain)}
+        if pure is not None:
+            out[f"{name}_mrd_pure"] = mean_relative_deviation(pred, r, brain & pure)
+        return out
     return {f"{name}_dice": tissue_dice(pred * brain, ref * brain, tissue_threshold)}
 
 
@@ -250,6 +268,7 @@ def subject_metrics(
     threshold: float,
     tissue_threshold: float = 0.8,
     val_thresholds: Mapping[str, Mapping[str, float] | None] | None = None,
+    pure: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Long tables for one subject: metrics (network, reference, metric, value), curves (network,
     reference, threshold, dice, ldr) and lesions (network, reference, lesion table columns).
@@ -257,7 +276,8 @@ def subject_metrics(
     ``val_thresholds``: per network, its operating point chosen on the validation subjects
     (``{"threshold", "min_lesion_ml"}``); the lesion metrics are then also given there, named with the
     suffix ``_vt`` (the point itself as ``lesion_threshold_vt`` and ``lesion_min_ml_vt``); the curves
-    and lesion tables are those at ``threshold``."""
+    and lesion tables are those at ``threshold``. ``pure``: per reference, a pure-tissue mask over
+    which the T1/T2* deviations are given too (:func:`pure_tissue_mask`; the phantom's truth)."""
     rows, curves, lesions = [], [], []
     for net, maps in outputs.items():
         vt = (val_thresholds or {}).get(net)
@@ -277,7 +297,8 @@ def subject_metrics(
                         m["lesion_threshold_vt"] = float(vt["threshold"])
                         m["lesion_min_ml_vt"] = float(vt.get("min_lesion_ml", 0.0))
                 else:
-                    m = map_metrics(name, pred, refmaps[name], brain, tissue_threshold=tissue_threshold)
+                    m = map_metrics(name, pred, refmaps[name], brain, tissue_threshold=tissue_threshold,
+                                    pure=(pure or {}).get(refname))
                 rows += [{"network": net, "reference": refname, "metric": k, "value": float(v)} for k, v in m.items()]
     metrics = pd.DataFrame(rows, columns=["network", "reference", "metric", "value"])
     cur = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
@@ -356,8 +377,9 @@ def evaluate_subject(smk: Any) -> None:
     val_thresholds = {net: inferred[net]["val_threshold"] for net in p.networks}
     base = (record.get("Baseline") or {}).get("LesionThreshold")
     val_thresholds[BASELINE] = base and {"threshold": base["validation"], "min_lesion_ml": base["min_lesion_ml"]}
+    pure = {"truth": pure_tissue_mask(t["WM"], t["GM"], brain)} if p.truth else None
     metrics, curves, lesions = subject_metrics(outputs, refs, brain, zooms, threshold, tissue_threshold,
-                                               val_thresholds)
+                                               val_thresholds, pure)
     chain = {s: _benchmark_seconds(b) for s, b in p.benchmarks.items()}
     meta = {"subject": p.key, "site": p.site, "group": p.group, "split": p.split}
     for df in (metrics, curves, lesions):
@@ -606,7 +628,7 @@ def group_evaluation(smk: Any) -> None:
     write_text(out.lesion_sites, lesion_sites.to_csv(sep="\t", index=False, na_rep="n/a"))
     main_metrics = {f"{ref}:{m}" for ref in ("pipeline", "truth") for m in ("lesion_dice", "lesion_ldr", "lw_f1")}
     main_metrics |= {"pipeline:T1_mrd", "pipeline:T2star_mrd", "pipeline:NAWM_dice", "pipeline:GM_dice",
-                     "truth:T1_mrd"}
+                     "truth:T1_mrd", "truth:T1_mrd_pure"}
     summary = tables["summary"]
     main = summary[summary.metric.isin(main_metrics)]
     if len(main):
