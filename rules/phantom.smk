@@ -12,6 +12,7 @@ if PLAN.phantom:
         params:
             out=lambda wc, output: os.path.dirname(output.description),
             cfg=config["phantom"],
+            inversion=config.get("sequence_model", {}).get("inversion_efficiency", "perfect"),
         threads: 2
         log:
             f"{WORK}/logs/phantom.log",

@@ -56,6 +56,25 @@ gives the reason and the file for a break of ``sub-02`` (the exact lines are in 
 | lesion mask with NaN | content | `lesion mask has 1 NaN/Inf voxels` | mask |
 | lesion mask with negative values | content | `lesion mask values must lie in [0, 1] (found -1 to 1)` | mask |
 | lesion mask 4D | content | `lesion mask must be 3D, got 4D` | mask |
+| sidecar without InversionPulses | parse | `unusable MRF sidecar (sidecar lacks InversionPulses (...))` | sidecar |
+| sidecar without DummyPasses | parse | `unusable MRF sidecar (sidecar lacks DummyPasses (...))` | sidecar |
+| sidecar without slice order | parse | `... (sidecar lacks SliceOrder and SliceTiming (...))` | sidecar |
+| EchoTime in ms | parse | `... (EchoTime values 16 to 76.5 look like milliseconds (...))` | sidecar |
+| RepetitionTime in ms | parse | `... (RepetitionTime values ... look like milliseconds (...))` | sidecar |
+| SMS factor contradicts SliceTiming | parse | `... (SliceTiming excites 1 slice(s) at once, ... says 2)` | sidecar |
+| SMS without SliceTiming | parse | `... (MultibandAccelerationFactor 2 without SliceTiming: ...)` | sidecar |
+| SliceOrder contradicts SliceTiming | parse | `... (SliceOrder disagrees with the order of SliceTiming)` | sidecar |
+| sidecar contradicts mrf_timing | parse | `... (sidecar DummyPasses 3 disagrees with config ... 5)` | sidecar |
+| inversion model contradicts config | parse | `... (sidecar InversionEfficiency "b1" disagrees ...)` | sidecar |
+| two sidecars at one level | discovery | `several MRF sidecars apply at one folder level (BIDS inheritance)` | both |
+| near miss (letter case) | discovery | `missing t2w input (found sub-02_T2w.NII.GZ; expected ...)` | T2w |
+| group in neither label list | discovery | `group 'relapsing' is neither a control nor a patient ...` | [3] |
+| MRF without orientation | content | `MRF series has no orientation (qform and sform codes 0)` | MRF |
+| MRF identity affine | content | `MRF series affine is the identity (no scanner orientation and voxel size)` | MRF |
+| MRF mis-scaled | content | `MRF field of view 12 x 12 mm disagrees with the T2w's 24 x 24 mm (...)` | MRF |
+| T2w without orientation | content | `T2w image has no orientation (qform and sform codes 0)` | T2w |
+| complex MRF | content | `MRF series is complex-valued (complex64); magnitude images expected` | MRF |
+| phase-like MRF | content | `MRF series has negative values (min ...); magnitude images expected (...)` | MRF |
 
 [1] skipped when the tests run as root, for whom file permissions do not apply.
 [2] the path the input should have (``sub-02/anat/sub-02_T2w.nii.gz``).
@@ -63,7 +82,10 @@ gives the reason and the file for a break of ``sub-02`` (the exact lines are in 
 label as written: ``sub-02/../03: ...``, ``sub-02.bak: ...``, ``sub-02_ses-1.5: ...``.
 
 Valid handling (accepted, no message): an all-zero lesion mask (a control, or a patient without
-visible lesions); a probabilistic lesion mask with values in [0, 1]; inputs that are symbolic links to
+visible lesions); a probabilistic lesion mask with values in [0, 1]; a participants.tsv with a UTF-8
+byte-order mark, CRLF line ends or spaces around cells; MRF timing split over BIDS-inherited sidecars
+(dataset, subject and series level); a timing key stated in the config's ``mrf_timing`` where the
+sidecar lacks it (recorded); inputs that are symbolic links to
 files (DataLad / git-annex datasets); unrelated or hidden files next to the inputs (README,
 ``.DS_Store``, other modalities); a participants.tsv row without imaging data (BIDS allows it); a T2w
 on another grid than the MRF series, as long as the fields of view overlap (registration handles it).
@@ -94,7 +116,7 @@ from conftest import ROOT, tree_digest
 
 from mrflesion.bids import discover
 from mrflesion.mrf.sequence import Protocol
-from mrflesion.validate import InputError, check_subject
+from mrflesion.validate import InputError, check_subject, stated_timing
 from mrflesion.workflow import make_plan
 
 IS_ROOT = os.geteuid() == 0
@@ -167,6 +189,31 @@ def _drop_last(s: dict, *keys: str) -> dict:
     return s | {k: s[k][:-1] for k in keys}
 
 
+_TR_MS = [x * 1000.0 for x in Protocol.default(4).to_sidecar()["RepetitionTime"]]
+
+
+def _drop_keys(b: Path, *keys: str) -> None:
+    _edit_sidecar(b, lambda s: {k: v for k, v in s.items() if k not in keys})
+
+
+def _scale_key(b: Path, key: str, factor: float) -> None:
+    _edit_sidecar(b, lambda s: s | {key: [round(x * factor, 6) for x in s[key]]})
+
+
+def _no_orientation(path: Path) -> None:
+    """Rewrite a NIfTI with qform and sform codes 0 (no orientation: nibabel falls back to the zooms)."""
+    img = nib.load(str(path))
+    out = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
+    out.set_qform(None, code=0)
+    out.set_sform(None, code=0)
+    path.unlink()
+    out.to_filename(str(path))
+
+
+def _min(path: Path) -> float:
+    return float(np.asanyarray(nib.load(str(path)).dataobj).min())
+
+
 def _tsv_lines(b: Path, edit: Callable[[list[str]], list[str]]) -> None:
     lines = tsv(b).read_text().splitlines()
     tsv(b).write_text("\n".join(edit(lines)) + "\n")
@@ -207,6 +254,7 @@ class Case:
     message: Callable[[Path], str]  # the expected line, given the BIDS root
     needs_permissions: bool = False
     stops_sub02: bool = True  # False: the problem is an extra row or folder, sub-02 itself still runs
+    config: dict | None = None  # config values of the case (merged over config.yaml)
 
 
 CASES = [
@@ -309,6 +357,67 @@ CASES = [
          lambda b: f"sub-02: lesion mask values must lie in [0, 1] (found -1 to 1): {lesion(b)}"),
     Case("lesion-mask-4d", "content", lambda b: _rewrite(lesion(b), lambda d: d[..., None]),
          lambda b: f"sub-02: lesion mask must be 3D, got 4D: {lesion(b)}"),
+    # ---- issue 17: inputs the pipeline cannot interpret with certainty
+    Case("sidecar-without-inversion-schedule", "parse", lambda b: _drop_keys(b, "InversionPulses"),
+         lambda b: "sub-02: unusable MRF sidecar (sidecar lacks InversionPulses (the inversion schedule; [] if the "
+                   f"sequence has none)): {side(b)}"),
+    Case("sidecar-without-dummy-passes", "parse", lambda b: _drop_keys(b, "DummyPasses"),
+         lambda b: f"sub-02: unusable MRF sidecar (sidecar lacks DummyPasses (passes before the first readout; 0 if "
+                   f"none)): {side(b)}"),
+    Case("sidecar-without-slice-order", "parse", lambda b: _drop_keys(b, "SliceOrder", "SliceTiming"),
+         lambda b: "sub-02: unusable MRF sidecar (sidecar lacks SliceOrder and SliceTiming (the slice acquisition "
+                   f"order)): {side(b)}"),
+    Case("echo-time-in-ms", "parse", lambda b: _scale_key(b, "EchoTime", 1000.0),
+         lambda b: "sub-02: unusable MRF sidecar (EchoTime values 16 to 76.5 look like milliseconds (BIDS sidecars "
+                   f"give seconds)): {side(b)}"),
+    Case("repetition-time-in-ms", "parse", lambda b: _scale_key(b, "RepetitionTime", 1000.0),
+         lambda b: f"sub-02: unusable MRF sidecar (RepetitionTime values {min(_TR_MS):g} to {max(_TR_MS):g} look like "
+                   f"milliseconds (BIDS sidecars give seconds)): {side(b)}"),
+    Case("sms-factor-disagrees-with-slice-timing", "parse",
+         lambda b: _edit_sidecar(b, lambda s: s | {"MultibandAccelerationFactor": 2}),
+         lambda b: "sub-02: unusable MRF sidecar (SliceTiming excites 1 slice(s) at once, "
+                   f"MultibandAccelerationFactor says 2): {side(b)}"),
+    Case("sms-without-slice-timing", "parse",
+         lambda b: _edit_sidecar(b, lambda s: {k: v for k, v in s.items() if k != "SliceTiming"}
+                                 | {"MultibandAccelerationFactor": 2}),
+         lambda b: "sub-02: unusable MRF sidecar (MultibandAccelerationFactor 2 without SliceTiming: which slices "
+                   f"share a slot is not stated): {side(b)}"),
+    Case("slice-order-disagrees-with-slice-timing", "parse",
+         lambda b: _edit_sidecar(b, lambda s: s | {"SliceOrder": [0, 1, 2, 3]}),
+         lambda b: f"sub-02: unusable MRF sidecar (SliceOrder disagrees with the order of SliceTiming): {side(b)}"),
+    Case("sidecar-disagrees-with-stated-timing", "parse", lambda b: _edit_sidecar(b, lambda s: s | {"DummyPasses": 3}),
+         lambda b: "sub-02: unusable MRF sidecar (sidecar DummyPasses 3 disagrees with config mrf_timing.DummyPasses "
+                   f"5): {side(b)}", config={"mrf_timing": {"DummyPasses": 5}}),
+    Case("inversion-model-disagrees-with-config", "parse",
+         lambda b: _edit_sidecar(b, lambda s: s | {"InversionEfficiency": "b1"}),
+         lambda b: "sub-02: unusable MRF sidecar (sidecar InversionEfficiency \"b1\" disagrees with config "
+                   f"sequence_model.inversion_efficiency \"perfect\"): {side(b)}"),
+    Case("two-sidecars-at-one-level", "discovery",
+         lambda b: shutil.copy(side(b), anat(b) / "sub-02_MRF.json"),
+         lambda b: "sub-02: several MRF sidecars apply at one folder level (BIDS inheritance): "
+                   f"{anat(b) / 'sub-02_MRF.json'}, {side(b)}"),
+    Case("near-miss-extension-case", "discovery", lambda b: t2w(b).rename(anat(b) / "sub-02_T2w.NII.GZ"),
+         lambda b: f"sub-02: missing t2w input (found sub-02_T2w.NII.GZ; expected sub-02_T2w.nii.gz): {t2w(b)}"),
+    Case("near-miss-suffix-case", "discovery", lambda b: t2w(b).rename(anat(b) / "sub-02_T2W.nii.gz"),
+         lambda b: f"sub-02: missing t2w input (found sub-02_T2W.nii.gz; expected sub-02_T2w.nii.gz): {t2w(b)}"),
+    Case("group-label-unknown", "discovery",
+         lambda b: _tsv_lines(b, lambda ls: [ls[0], ls[1], "sub-02\tsite2\trelapsing", *ls[3:]]),
+         lambda b: "sub-02: group 'relapsing' is neither a control nor a patient label (config control_labels, "
+                   f"patient_labels) in: {tsv(b)}"),
+    Case("mrf-without-orientation", "content", lambda b: _no_orientation(mrf(b)),
+         lambda b: f"sub-02: MRF series has no orientation (qform and sform codes 0): {mrf(b)}"),
+    Case("mrf-identity-affine", "content", lambda b: _rewrite(mrf(b), affine=np.eye(4)),
+         lambda b: f"sub-02: MRF series affine is the identity (no scanner orientation and voxel size): {mrf(b)}"),
+    Case("mrf-field-of-view-mis-scaled", "content", lambda b: _rewrite(mrf(b), affine=np.diag([1.0, 1.0, 1.5, 1.0])),
+         lambda b: "sub-02: MRF field of view 12 x 12 mm disagrees with the T2w's 24 x 24 mm (voxel size or "
+                   f"orientation wrong?): {mrf(b)}"),
+    Case("t2w-without-orientation", "content", lambda b: _no_orientation(t2w(b)),
+         lambda b: f"sub-02: T2w image has no orientation (qform and sform codes 0): {t2w(b)}"),
+    Case("mrf-complex-valued", "content", lambda b: _rewrite(mrf(b), lambda d: d.astype(np.complex64) * (1 + 1j)),
+         lambda b: f"sub-02: MRF series is complex-valued (complex64); magnitude images expected: {mrf(b)}"),
+    Case("mrf-phase-like", "content", lambda b: _rewrite(mrf(b), lambda d: (d - 1.0) * np.float32(np.pi)),
+         lambda b: f"sub-02: MRF series has negative values (min {_min(mrf(b)):g}); magnitude images expected "
+                   f"(phase or real/imaginary data?): {mrf(b)}"),
 ]
 
 
@@ -326,7 +435,8 @@ def _errors(config: dict, b: Path) -> tuple[dict[str, list[str]], dict[str, dict
     summaries = {}
     for s in plan.subjects.values():
         try:
-            summaries[s.key] = check_subject(s.key, s.files, s.sidecar, N_MEASUREMENTS)
+            summaries[s.key] = check_subject(s.key, s.files, s.sidecar_layers, N_MEASUREMENTS,
+                                             stated=stated_timing(cfg))
         except InputError as exc:
             messages["content"].append(str(exc))
     return messages, summaries
@@ -345,7 +455,7 @@ def test_bad_input_class_gives_one_line(case: Case, bids: Path, repo_config: dic
         pytest.skip("running as root: file permissions do not apply")
     case.breaks(bids)
     expected = case.message(bids)
-    messages, summaries = _errors(repo_config, bids)
+    messages, summaries = _errors(repo_config | (case.config or {}), bids)
     # Exactly one line in all, from the check the table names.
     assert messages == {stage: [expected] if stage == case.stage else [] for stage in ("discovery", "parse", "content")}
     line = expected
@@ -399,6 +509,21 @@ def _t2w_other_grid(b: Path) -> None:
     nib.Nifti1Image(np.ones((24, 24, 12), np.float32), np.eye(4)).to_filename(str(t2w(b)))
 
 
+def _tsv_bytes(b: Path, edit: Callable[[bytes], bytes]) -> None:
+    tsv(b).write_bytes(edit(tsv(b).read_bytes()))
+
+
+def _split_timing_over_levels(b: Path) -> None:
+    # BIDS inheritance: the schedule at the dataset root (for everyone), the slice timing in sub-02/, the
+    # rest beside the series; sub-01 and sub-03 keep their complete sidecars, which override the root's.
+    full = json.loads(side(b).read_text())
+    top = {k: full[k] for k in ("FlipAngle", "EchoTime", "RepetitionTime", "InversionPulses", "InversionDuration")}
+    subject = {k: full[k] for k in ("SliceOrder", "SliceTiming", "MultibandAccelerationFactor")}
+    (b / "acq-MRFEPI_MRF.json").write_text(json.dumps(top))
+    (b / "sub-02" / "sub-02_acq-MRFEPI_MRF.json").write_text(json.dumps(subject))
+    side(b).write_text(json.dumps({k: v for k, v in full.items() if k not in top and k not in subject}))
+
+
 VALID = {
     # sub-01 of the fixture is a control whose lesion mask is all zero: that is data, not an error.
     "control-with-empty-lesion-mask": lambda b: None,
@@ -412,6 +537,12 @@ VALID = {
     "participant-row-without-data": lambda b: _tsv_lines(b, lambda ls: [*ls, "sub-99\tsite1\tpatient"]),
     # The T2w may have its own grid: the MRF maps are registered to it.
     "t2w-on-another-grid": _t2w_other_grid,
+    # participants.tsv as spreadsheets write it: a UTF-8 byte-order mark, CRLF line ends, padded cells.
+    "participants-with-byte-order-mark": lambda b: _tsv_bytes(b, lambda t: b"\xef\xbb\xbf" + t),
+    "participants-with-crlf-line-ends": lambda b: _tsv_bytes(b, lambda t: t.replace(b"\n", b"\r\n")),
+    "participants-with-spaces": lambda b: _tsv_bytes(b, lambda t: t.replace(b"\t", b" \t ")),
+    # MRF timing keys split between a dataset-level, a subject-level and the series' sidecar.
+    "timing-split-over-inherited-sidecars": _split_timing_over_levels,
 }
 
 
@@ -423,6 +554,59 @@ def test_valid_unusual_input_is_accepted(name: str, bids: Path, repo_config: dic
     assert sorted(summaries) == ["sub-01", "sub-02", "sub-03"]
     assert summaries["sub-01"]["lesion_voxels"] == 0  # the control
     assert summaries["sub-02"]["lesion_voxels"] == 8
+
+
+def test_inherited_sidecars_give_the_same_timing(bids: Path, repo_config: dict) -> None:
+    """Timing keys spread over the BIDS inheritance levels are all read: sub-02 (split) has the timing
+    key of sub-01 (complete sidecar), and the check records the three files it read, top level first."""
+    _split_timing_over_levels(bids)
+    messages, summaries = _errors(repo_config, bids)
+    assert messages == {"discovery": [], "parse": [], "content": []}
+    assert summaries["sub-02"]["timing_key"] == summaries["sub-01"]["timing_key"]
+    assert summaries["sub-02"]["sidecars"] == [str(bids / "acq-MRFEPI_MRF.json"),
+                                               str(bids / "sub-02" / "sub-02_acq-MRFEPI_MRF.json"), str(side(bids))]
+    # the dataset-level file applies to sub-01 too, beneath its own complete sidecar
+    assert summaries["sub-01"]["sidecars"] == [str(bids / "acq-MRFEPI_MRF.json"), str(side(bids, "01"))]
+    # without the dataset-level file the schedule is missing: refused, naming the series' sidecar
+    (bids / "acq-MRFEPI_MRF.json").unlink()
+    messages, summaries = _errors(repo_config, bids)
+    assert messages["parse"] == [f"sub-02: unusable MRF sidecar (sidecar lacks FlipAngle): {side(bids)}"]
+    assert sorted(summaries) == ["sub-01", "sub-03"]
+
+
+def test_timing_stated_in_config_is_used_and_recorded(bids: Path, repo_config: dict) -> None:
+    """A sidecar without dummy passes and volume pause: refused, unless the config states them; then the
+    values are used and recorded as coming from the config."""
+    _drop_keys(bids, "DummyPasses", "VolumePause")
+    messages, summaries = _errors(repo_config, bids)
+    assert messages["parse"] == [
+        "sub-02: unusable MRF sidecar (sidecar lacks DummyPasses (passes before the first readout; 0 if none)): "
+        f"{side(bids)}"]
+    assert sorted(summaries) == ["sub-01", "sub-03"]
+    stated = repo_config | {"mrf_timing": {"DummyPasses": 5, "VolumePause": 0.02}}
+    messages, summaries = _errors(stated, bids)
+    assert messages == {"discovery": [], "parse": [], "content": []}
+    assert summaries["sub-02"]["timing_from_config"] == {"DummyPasses": 5, "VolumePause": 0.02}
+    assert summaries["sub-01"]["timing_from_config"] == {}
+    assert summaries["sub-02"]["timing_key"] == summaries["sub-01"]["timing_key"]
+
+
+def test_control_labels_are_configurable(bids: Path, repo_config: dict) -> None:
+    """A control marked "HV" trains (it is a control label by default); a label the config does not list
+    is refused with one line instead of being taken for a patient."""
+    from mrflesion.learn_steps import make_splits, subject_rows
+
+    _tsv_lines(bids, lambda ls: [ls[0], "sub-01\tsite1\tHV", *ls[2:]])
+    cfg = repo_config | {"bids_dir": str(bids)}
+    plan = make_plan(cfg)
+    assert plan.problems == [] and plan.subjects["sub-01/anat/sub-01"].group == "control"
+    split = make_splits(subject_rows(plan.subjects.values()), {"n_test_per_site": 1, "n_val_per_site": 1,
+                                                                "reference_subjects": 0})
+    assert split.set_index("subject").loc["sub-01", "split"] == "train"
+    plan = make_plan(cfg | {"control_labels": ["control"]})
+    assert [str(p) for p in plan.problems] == [
+        "sub-01: group 'HV' is neither a control nor a patient label (config control_labels, patient_labels) in: "
+        f"{tsv(bids)}"]
 
 
 def test_enough_classes() -> None:
@@ -444,7 +628,7 @@ registration: {phase_encode_stage: false}
 
 
 def test_workflow_bad_subjects_fail_alone(tmp_path: Path) -> None:
-    b = make_dataset(tmp_path / "bids", 8)
+    b = make_dataset(tmp_path / "bids", 10)
     shutil.copytree(b / "sub-04", b / "sub-04.bak", symlinks=True)  # a backup copy: not a valid label
     _tsv_lines(b, lambda ls: [*ls, "sub-01/../02\tsite1\tpatient"])  # a path in participant_id
     _truncate(mrf(b, "02"), 2000)
@@ -453,6 +637,9 @@ def test_workflow_bad_subjects_fail_alone(tmp_path: Path) -> None:
     _rewrite(lesion(b, "06"), lambda d: np.concatenate([d, d[..., :1]], axis=2))
     s08 = json.loads(side(b, "08").read_text())
     side(b, "08").write_text(json.dumps(_drop_last(s08, "RepetitionTime")))
+    _rewrite(mrf(b, "09"), lambda d: d.astype(np.complex64))  # complex-valued MRF data (issue 17)
+    s10 = json.loads(side(b, "10").read_text())
+    side(b, "10").write_text(json.dumps({k: v for k, v in s10.items() if k != "InversionPulses"}))
     if IS_ROOT:  # permissions do not apply to root: a non-BIDS name instead
         t2w(b, "07").rename(anat(b, "07") / "sub07_T2w.nii.gz")
     before = tree_digest(b)
@@ -470,6 +657,10 @@ def test_workflow_bad_subjects_fail_alone(tmp_path: Path) -> None:
                    f"sub07_T2w.nii.gz): {t2w(b, '07')}"),
         "sub-08": "mrflesion: skipping sub-08: unusable MRF sidecar (FlipAngle, EchoTime and RepetitionTime must "
                   f"have the same length (got 35, 35, 34)): {side(b, '08')}",
+        "sub-09": f"mrflesion error: sub-09: MRF series is complex-valued (complex64); magnitude images expected: "
+                  f"{mrf(b, '09')}",
+        "sub-10": "mrflesion: skipping sub-10: unusable MRF sidecar (sidecar lacks InversionPulses (the inversion "
+                  f"schedule; [] if the sequence has none)): {side(b, '10')}",
         "sub-04.bak": f"mrflesion: skipping sub-04.bak: folder label is not letters and digits: {b / 'sub-04.bak'}",
         "sub-01/../02": "mrflesion: skipping sub-01/../02: invalid participant_id 'sub-01/../02' (not sub-<letters "
                         f"and digits>) in: {tsv(b)}",
@@ -500,6 +691,10 @@ def test_workflow_bad_subjects_fail_alone(tmp_path: Path) -> None:
         for suffix in ("acq-MRFEPI_T1map.nii.gz", "acq-MRFEPI_desc-denoised_MRF.nii.gz",
                        "acq-MRFEPI_space-T2w_MRF.nii.gz", "space-T2w_label-lesion_mask.nii.gz"):
             assert (tmp_path / f"out/{ok}/anat/{ok}_{suffix}").is_file(), (suffix, out[-5000:])
+        # how the series was interpreted is recorded with the maps: inversion model, sidecars, config values
+        t1_side = json.loads((tmp_path / f"out/{ok}/anat/{ok}_acq-MRFEPI_T1map.json").read_text())
+        assert t1_side["InversionEfficiency"] == "perfect" and t1_side["TimingFromConfig"] == {}
+        assert t1_side["MRFSidecars"] == [str(side(b, ok[4:]))]
     # No output of a failed or skipped subject (logs excepted: they explain the failure).
     leftovers = []
     for area in ("out", "work"):

@@ -168,3 +168,23 @@ def test_dictionary_for_sidecar_caches_and_races(protocol: Protocol, tmp_path) -
     other = dictionary_for_sidecar(sidecar, DictionaryGrid.from_config({**SMALL_GRID, "step": 0.3}), tmp_path,
                                    n_clusters=32)
     assert other != path
+
+
+def test_sms_slots_share_one_dictionary(tmp_path) -> None:
+    """SMS: the slice positions of one slot have one timing, so one set of atoms (one dictionary per
+    distinct slice timing); saved once, loaded shared, matched slice by slice as before."""
+    p = Protocol.default(9, multiband=3)  # 3 slots: (0, 3, 6), (2, 5, 8), (1, 4, 7)
+    d = build_dictionary(p, DictionaryGrid.from_config(SMALL_GRID), n_clusters=8)
+    assert d.slice_indices == tuple(range(9))
+    assert d.slice(3) is d.slice(0) and d.slice(8) is d.slice(2)
+    assert not np.array_equal(d.slice(0).atoms, d.slice(1).atoms)
+    path = d.save(tmp_path / "sms.npz")
+    with np.load(path) as z:
+        assert sorted(k for k in z.files if k.endswith("_basis")) == ["s0_basis", "s1_basis", "s2_basis"]
+    d2 = MRFDictionary.load(path)
+    assert d2.timing_key == d.timing_key and d2.slice_indices == d.slice_indices
+    for k in range(9):
+        np.testing.assert_array_equal(d2.slice(k).atoms, d.slice(k).atoms)
+        assert d2.rank(k) == d.rank(k)
+    # the SMS timing is not the single-slice one: another key, another cache file
+    assert Protocol.default(9).timing_key() != p.timing_key()

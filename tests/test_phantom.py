@@ -17,6 +17,8 @@ from scipy import ndimage
 from mrflesion.mrf.sequence import Protocol
 from mrflesion.mrf.signal import simulate
 from mrflesion.phantom import GRIDS, cohort_table, generate, main
+from mrflesion.phantom.cohort import _wm_reference
+from mrflesion.phantom.config import load_config
 
 # A coarse grid (FOV 240 mm) for the cheap fixtures; the demo grid is used where voxel size matters.
 TINY = {
@@ -148,6 +150,14 @@ def test_layout_and_cohort_match(demo: tuple[Path, pd.DataFrame]) -> None:
     Protocol.from_sidecar(side)  # round-trips
     side3 = json.loads((root / "sub-03" / "anat" / "sub-03_acq-MRFEPI_MRF.json").read_text())
     assert side3["ManufacturersModelName"] == "Prisma" and side3["MultibandAccelerationFactor"] == 3
+    # SMS in the timing: 10 slices, factor 3 -> 4 slots (slices a slab-fraction apart share SliceTiming),
+    # a shorter TR; both sites simulated with the default inversion model (perfect, as the dictionary)
+    p1, p3 = Protocol.from_sidecar(side), Protocol.from_sidecar(side3)
+    assert (p1.n_slots, p3.n_slots, p3.multiband) == (10, 4, 3)
+    assert p3 == Protocol.default(10, multiband=3) and p1 == Protocol.default(10)
+    assert side3["SliceTiming"][0] == side3["SliceTiming"][4] == side3["SliceTiming"][8]
+    assert max(side3["RepetitionTime"]) < 0.5 * max(side["RepetitionTime"])
+    assert side["InversionEfficiency"] == side3["InversionEfficiency"] == "perfect"
     fl = json.loads((anat / "sub-02_FLAIR.json").read_text())
     assert fl["InversionTime"] == 2.5 and fl["RepetitionTime"] == 9.0
     truth = root / "derivatives" / "truth" / "sub-02" / "anat"
@@ -226,7 +236,11 @@ def test_sites_differ_in_snr_and_b1(demo: tuple[Path, pd.DataFrame]) -> None:
         wm = _truth(root, sub, "space-MRF_label-WM_probseg") > 0.9
         sigma = _truth(root, sub, "space-MRF_noisesigma")
         m0 = _truth(root, sub, "space-MRF_M0map")
-        rel_noise[sub] = float(np.median(sigma[wm] / m0[wm]))
+        # noise relative to the nominal WM signal of the site's own timing (the SMS site's shorter TR
+        # gives less signal per unit M0, and its noise is set against that signal)
+        side = json.loads((root / sub / "anat" / f"{sub}_acq-MRFEPI_MRF.json").read_text())
+        nominal = _wm_reference(Protocol.from_sidecar(side), load_config())
+        rel_noise[sub] = float(np.median(sigma[wm] / m0[wm])) / nominal
         b1 = _truth(root, sub, "space-T2w_TB1map")
         brain = _truth(root, sub, "space-T2w_desc-brain_mask") > 0
         assert 0.7 <= b1[brain].min() and b1[brain].max() <= 1.3

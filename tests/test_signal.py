@@ -56,9 +56,92 @@ def test_inversion_recovery(ti_slot: int) -> None:
 
 
 def test_inversion_scaled_by_b1() -> None:
-    p = _protocol(1, fa=90.0, te=0.0, tr=85.0, n_slices=4, inversions=((0, 0),))
+    p = _protocol(1, fa=90.0, te=0.0, tr=85.0, n_slices=4, inversions=((0, 0),), inversion_efficiency="b1")
     s = simulate(p, 0, 1e9, 1e9, 0.5)  # T1 -> infinity: no recovery, cos(pi/2) = 0 leaves Mz = 0
     assert abs(s[0]) < 1e-7  # only the 1e-8 recovery over ~30 ms at T1 = 1e9 ms remains
+
+
+@pytest.mark.parametrize("b1", [0.5, 0.7, 1.0, 1.3])
+def test_perfect_inversion_ignores_b1(b1: float) -> None:
+    # The default (the authors' released code, an adiabatic pulse): Mz -> -Mz whatever B1; the
+    # excitation is still B1-scaled: signal = -sin(B1 * 90 deg).
+    p = _protocol(1, fa=90.0, te=0.0, tr=85.0, n_slices=4, inversions=((0, 0),))
+    assert p.inversion_efficiency == "perfect"
+    s = simulate(p, 0, 1e9, 1e9, b1)
+    assert s[0] == pytest.approx(-np.sin(np.deg2rad(90.0) * b1), abs=1e-7)
+
+
+def test_inversion_models_differ_away_from_b1_one() -> None:
+    # Normalised fingerprints of the two models agree at B1 = 1 and differ by up to ~0.25 at 0.6 / 1.4.
+    out = {}
+    for model in ("perfect", "b1"):
+        p = Protocol.default(20, inversion_efficiency=model)
+        s = np.abs(simulate(p, 10, [900.0] * 3, [50.0] * 3, [0.6, 1.0, 1.4]))
+        out[model] = s / np.linalg.norm(s, axis=-1, keepdims=True)
+    d = np.abs(out["perfect"] - out["b1"]).max(axis=-1)
+    assert d[1] < 1e-12
+    assert d[0] > 0.1 and d[2] > 0.1
+    assert Protocol.default(20).timing_key() != Protocol.default(20, inversion_efficiency="b1").timing_key()
+
+
+def test_sms_slots_share_timing_and_shorten_tr() -> None:
+    p1, p3 = Protocol.default(21), Protocol.default(21, multiband=3)
+    assert (p1.n_slots, p1.multiband) == (21, 1) and (p3.n_slots, p3.multiband) == (7, 3)
+    assert p3.slot_groups()[0] == (0, 7, 14)
+    # a pass has a third of the slots: TR = n_slots * (TE + overhead) + pause (+ inversion)
+    assert p3.repetition_time_ms[1] == pytest.approx(7 * (p3.echo_time_ms[1] + 58.5) + 20.0)
+    assert p3.repetition_time_ms[1] < p1.repetition_time_ms[1] / 2.5
+    # slices excited together share their fingerprint; other slots differ
+    s = np.stack([simulate(p3, k, 1000.0, 50.0, 1.0) for k in range(21)])
+    np.testing.assert_array_equal(s[0], s[7])
+    np.testing.assert_array_equal(s[0], s[14])
+    assert np.abs(s[0] - s[1]).max() > 1e-4
+    assert {p3.timing_representative(k) for k in range(21)} == {g[0] for g in p3.slot_groups()}
+    # a slab that the factor does not divide: 20 slices, 7 slots, one slot of two slices
+    p20 = Protocol.default(20, multiband=3)
+    assert p20.n_slots == 7 and sorted(len(g) for g in p20.slot_groups()) == [2, 3, 3, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("mb", [1, 3])
+def test_slice_timing_is_read(mb: int) -> None:
+    p = Protocol.default(12, multiband=mb)
+    side = p.to_sidecar()
+    assert side["MultibandAccelerationFactor"] == mb and len(side["SliceTiming"]) == 12
+    only_timing = {k: v for k, v in side.items() if k != "SliceOrder"}
+    assert Protocol.from_sidecar(only_timing) == p
+    if mb == 1:
+        only_order = {k: v for k, v in side.items() if k not in ("SliceTiming", "MultibandAccelerationFactor")}
+        assert Protocol.from_sidecar(only_order) == p
+
+
+def test_slice_timing_contradictions() -> None:
+    side = Protocol.default(12, multiband=3).to_sidecar()
+    with pytest.raises(ProtocolError, match="MultibandAccelerationFactor says 2"):
+        Protocol.from_sidecar(side | {"MultibandAccelerationFactor": 2})
+    with pytest.raises(ProtocolError, match="SliceOrder disagrees"):
+        Protocol.from_sidecar(side | {"SliceOrder": list(range(12))})
+    with pytest.raises(ProtocolError, match="without SliceTiming"):
+        Protocol.from_sidecar({k: v for k, v in side.items() if k != "SliceTiming"})
+
+
+@pytest.mark.parametrize("key,scale,match", [
+    ("EchoTime", 1000.0, "EchoTime values 16 to 76.5 look like milliseconds"),
+    ("RepetitionTime", 1000.0, "RepetitionTime values .* look like milliseconds"),
+    ("FlipAngle", np.pi / 180.0, "look like radians"),
+])
+def test_units_are_checked(key: str, scale: float, match: str) -> None:
+    side = Protocol.default(4).to_sidecar()
+    side[key] = [x * scale for x in side[key]]
+    with pytest.raises(ProtocolError, match=match):
+        Protocol.from_sidecar(side)
+
+
+@pytest.mark.parametrize("key", ["InversionPulses", "DummyPasses", "VolumePause", "InversionEfficiency"])
+def test_no_timing_key_is_assumed(key: str) -> None:
+    side = Protocol.default(4).to_sidecar()
+    del side[key]
+    with pytest.raises(ProtocolError, match=f"sidecar lacks {key}"):
+        Protocol.from_sidecar(side)
 
 
 def test_vectorised_matches_scalar_and_slices_differ() -> None:

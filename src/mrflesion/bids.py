@@ -10,10 +10,18 @@ directory), a ``sub-*``/``ses-*`` folder whose label is not letters and digits o
 a participants.tsv row that is missing, duplicated, without a site or with an invalid
 ``participant_id`` are not fatal: :func:`discover` returns each as an :class:`InputProblem` with one
 line naming the subject and the file, and the other subjects run.
+
+The MRF sidecar follows BIDS inheritance: every JSON with the MRF series' suffix whose entities are a
+subset of the series' (``acq-MRFEPI_MRF.json`` at the dataset root, ``sub-01_acq-MRFEPI_MRF.json`` in
+``sub-01/``, the one beside the series) applies, top level first, lower levels overriding; two
+applicable files at one level are refused (:attr:`SubjectInputs.sidecars`). The group column is read
+with the configured control and patient labels (``control_labels``, ``patient_labels``): a value in
+neither is refused, so that no control is taken for a patient.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -68,8 +76,10 @@ class SubjectInputs:
     subject: str
     session: str | None
     site: str
-    group: str | None
+    group: str | None  # "control" or "patient" (from the configured labels), None where unknown (phantom)
     files: Mapping[str, str]  # kind -> path
+    #: the MRF sidecars that apply (BIDS inheritance), top level first; empty: the one beside the series
+    sidecars: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -83,7 +93,13 @@ class SubjectInputs:
 
     @property
     def sidecar(self) -> str:
-        return _sidecar_path(self.files["mrf"])
+        """The most specific MRF sidecar (the one beside the series, where there is one)."""
+        return self.sidecars[-1] if self.sidecars else _sidecar_path(self.files["mrf"])
+
+    @property
+    def sidecar_layers(self) -> tuple[str, ...]:
+        """Every MRF sidecar that applies, top level first (BIDS inheritance: later ones override)."""
+        return self.sidecars or (self.sidecar,)
 
 
 @dataclass
@@ -93,6 +109,7 @@ class IndexNotes:
     bad_folders: list[InputProblem] = field(default_factory=list)  # invalid label or unreadable
     ignored: dict[tuple[str, str | None], list[str]] = field(default_factory=dict)  # non-BIDS names per unit
     not_files: dict[str, str] = field(default_factory=dict)  # path -> what it is instead of a file
+    level_json: dict[str, list[str]] = field(default_factory=dict)  # sub-/ses- folder -> its .json names
 
 
 @dataclass
@@ -133,11 +150,18 @@ def parse_name(name: str) -> tuple[tuple[tuple[str, str], ...], str, str] | None
 _UNREADABLE = "folder unreadable (permission denied)"
 
 
-def _scandir_dirs(path: str, prefix: str) -> list[str]:
-    """Sub-folders of ``path`` starting with ``prefix``; PermissionError propagates."""
+def _scandir_dirs(path: str, prefix: str, json_names: list[str] | None = None) -> list[str]:
+    """Sub-folders of ``path`` starting with ``prefix`` (and, into ``json_names``, its JSON files);
+    PermissionError propagates."""
     try:
         with os.scandir(path) as it:
-            return [e.name for e in it if e.name.startswith(prefix) and e.is_dir()]
+            out = []
+            for e in it:
+                if e.name.startswith(prefix) and e.is_dir():
+                    out.append(e.name)
+                elif json_names is not None and e.name.endswith(".json") and not e.name.startswith("."):
+                    json_names.append(e.name)
+            return out
     except (FileNotFoundError, NotADirectoryError):
         return []
 
@@ -174,13 +198,16 @@ def index_dataset(
             continue
         sessions: list[tuple[str | None, str]] = [(None, sub_path)]
         try:
-            ses_dirs = sorted(_scandir_dirs(sub_path, "ses-"))
+            ses_dirs = sorted(_scandir_dirs(sub_path, "ses-", notes.level_json.setdefault(sub_path, [])))
         except PermissionError:
             notes.bad_folders.append(InputProblem(subject, None, sub_path, _UNREADABLE))
             continue
         for ses_dir in ses_dirs:
             if _LABEL.match(ses_dir[4:]):
-                sessions.append((ses_dir[4:], os.path.join(sub_path, ses_dir)))
+                ses_path = os.path.join(sub_path, ses_dir)
+                sessions.append((ses_dir[4:], ses_path))
+                with contextlib.suppress(PermissionError):
+                    _scandir_dirs(ses_path, "\0", notes.level_json.setdefault(ses_path, []))
             else:
                 notes.bad_folders.append(InputProblem(
                     subject, ses_dir[4:], os.path.join(sub_path, ses_dir),
@@ -222,15 +249,20 @@ def read_participants(root: str | os.PathLike[str], site_column: str) -> dict[st
     path = Path(root) / "participants.tsv"
     if not path.is_file():
         raise BIDSError(f"participants.tsv not found: {path}")
-    with path.open(newline="") as fh:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name;
+    # newline="": CRLF line ends are read as line ends; names and values are stripped of spaces
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter="\t")
+        if reader.fieldnames is not None:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
         if reader.fieldnames is None or "participant_id" not in reader.fieldnames:
             raise BIDSError(f"participants.tsv has no participant_id column: {path}")
         if site_column not in reader.fieldnames:
             raise BIDSError(f"participants.tsv has no '{site_column}' column (config site_column): {path}")
         rows: dict[str, dict[str, str]] = {}
         duplicates: set[str] = set()
-        for row in reader:
+        for raw in reader:
+            row = {k: v.strip() if isinstance(v, str) else v for k, v in raw.items()}
             pid = (row.get("participant_id") or "").strip()
             label = pid[4:] if pid.startswith("sub-") else pid
             if label in rows:
@@ -262,6 +294,13 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
         raise BIDSError(f"not a BIDS dataset (no dataset_description.json): {root}")
     site_column = config.get("site_column", "site")
     participants = read_participants(root, site_column)
+    group_column = config.get("group_column", "group")
+    groups = _group_labels(config)
+    if participants and group_column not in next(iter(participants.values())):
+        raise BIDSError(
+            f"participants.tsv has no '{group_column}' column (config group_column): "
+            f"{os.path.join(root, 'participants.tsv')}"
+        )
     specs = config["inputs"]
     datatypes = {specs[k]["datatype"] for k in INPUT_KINDS}
 
@@ -288,14 +327,25 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
             return False
         return not (sessions_wanted and session not in sessions_wanted)
 
-    # Group candidate files by (subject, session) and kind.
+    # Group candidate files by (subject, session) and kind; near misses (another case, .nii for
+    # .nii.gz, other entities) are kept for the message of a missing input.
     found: dict[tuple[str, str | None], dict[str, list[str]]] = {}
+    near: dict[tuple[str, str | None, str], list[str]] = {}
     for kind in INPUT_KINDS:
         spec = specs[kind]
         pool = deriv_files[spec["derivatives"]] if spec.get("derivatives") else raw_files
         for f in pool:
             if _matches(f, spec):
                 found.setdefault((f.subject, f.session), {}).setdefault(kind, []).append(f.path)
+            elif _near_miss(f, spec):
+                near.setdefault((f.subject, f.session, kind), []).append(os.path.basename(f.path))
+    sidecar_dirs: dict[str, list[BIDSFile]] = {}
+    for f in raw_files:
+        if f.extension == ".json":
+            sidecar_dirs.setdefault(os.path.dirname(f.path), []).append(f)
+    root_json: list[str] = []
+    _scandir_dirs(root, "\0", root_json)
+    notes.level_json[root] = root_json
     # Units: every (subject, session) that has at least one raw file in the datatypes of interest.
     units = {(f.subject, f.session) for f in raw_files}
     # A subject with sessions uses only its session folders.
@@ -331,6 +381,14 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
                 InputProblem(subject, session, os.path.join(root, "participants.tsv"), f"no {site_column} in")
             )
             continue
+        group_value = (row.get(group_column) or "").strip()
+        group = groups.get(group_value.lower())
+        if group is None:
+            what = f"no {group_column}" if group_value in ("", "n/a") else (
+                f"{group_column} {group_value!r} is neither a control nor a patient label "
+                "(config control_labels, patient_labels)")
+            result.problems.append(InputProblem(subject, session, tsv, f"{what} in"))
+            continue
         kinds = found.get((subject, session), {})
         files: dict[str, str] = {}
         problem = None
@@ -349,6 +407,9 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
                 # names that look like this input but were passed over (sub02_T2w.nii.gz, sub-03_T2w.nii.gz)
                 ignored = [n for n in notes.ignored.get((subject, session), []) if spec["suffix"].lower() in n.lower()]
                 hint = f" (ignored, not BIDS-named for this folder: {_first(ignored)})" if ignored else ""
+                close = near.get((subject, session, kind))
+                if close and not hint:
+                    hint = f" (found {_first(close)}; expected {os.path.basename(expected)})"
                 problem = InputProblem(subject, session, expected, f"missing {kind} input{hint}")
             else:
                 problem = InputProblem(subject, session, ", ".join(sorted(paths)), f"several {kind} inputs match")
@@ -359,19 +420,85 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
                 if what is not None:
                     problem = InputProblem(subject, session, files[kind], f"{kind} input is {what}")
                     break
-        if problem is None and not os.path.isfile(_sidecar_path(files["mrf"])):
+        layers: tuple[str, ...] = ()
+        if problem is None:
             side = _sidecar_path(files["mrf"])
-            reason = "MRF sidecar is not a regular file" if os.path.lexists(side) else "missing MRF sidecar"
-            problem = InputProblem(subject, session, side, reason)
+            if os.path.lexists(side) and not os.path.isfile(side):
+                problem = InputProblem(subject, session, side, "MRF sidecar is not a regular file")
+            else:
+                layers, problem = _sidecar_layers(root, files["mrf"], sidecar_dirs, notes.level_json)
+                if problem is None and not layers:
+                    problem = InputProblem(subject, session, side, "missing MRF sidecar")
         if problem is not None:
             result.problems.append(problem)
             continue
-        result.subjects.append(SubjectInputs(subject, session, site, row.get("group"), files))
+        result.subjects.append(SubjectInputs(subject, session, site, group, files, layers))
     for label in sorted(include - {s for s, _ in units}):
         result.problems.append(
             InputProblem(label, None, os.path.join(root, f"sub-{label}"), "requested participant not found")
         )
     return result
+
+
+def _group_labels(config: Mapping[str, Any]) -> dict[str, str]:
+    """Lower-cased group value -> ``control`` or ``patient``, from ``control_labels`` / ``patient_labels``."""
+    controls = config.get("control_labels") or ["control", "healthy", "HC", "HV", "volunteer"]
+    patients = config.get("patient_labels") or ["patient", "MS", "RRMS", "SPMS", "PPMS", "CIS"]
+    out = {str(v).strip().lower(): "patient" for v in patients}
+    both = [v for v in controls if str(v).strip().lower() in out]
+    if both:
+        raise BIDSError(f"group label(s) {both} are both control_labels and patient_labels (config)")
+    out.update({str(v).strip().lower(): "control" for v in controls})
+    return out
+
+
+def _near_miss(f: BIDSFile, spec: Mapping[str, Any]) -> bool:
+    """A file that is probably meant as this input: same suffix and datatype up to letter case, an image
+    extension up to case or compression, but another case, extension or entity than configured."""
+    ext = spec["extension"].lower()
+    image_ext = {ext, ".nii", ".nii.gz"} if ext in (".nii", ".nii.gz") else {ext}
+    return (
+        f.datatype == spec["datatype"]
+        and f.suffix.lower() == spec["suffix"].lower()
+        and f.extension.lower() in image_ext
+    )
+
+
+def _applies(candidate: str, data: BIDSFile) -> bool:
+    """BIDS inheritance: a JSON applies to ``data`` if it has its suffix and a subset of its entities."""
+    parsed = parse_name(candidate)
+    if parsed is None or parsed[2] != ".json" or parsed[1] != data.suffix:
+        return False
+    mine = dict(data.entities)
+    return all(mine.get(k) == v for k, v in parsed[0])
+
+
+def _sidecar_layers(
+    root: str, mrf: str, sidecar_dirs: Mapping[str, list[BIDSFile]], level_json: Mapping[str, list[str]]
+) -> tuple[tuple[str, ...], InputProblem | None]:
+    """The MRF sidecars that apply to ``mrf`` (top level first) or the problem that stops it."""
+    parsed = parse_name(os.path.basename(mrf))
+    assert parsed is not None
+    entities, suffix, ext = parsed
+    ent = dict(entities)
+    data = BIDSFile(mrf, ent["sub"], ent.get("ses"), "", entities, suffix, ext)
+    sub_dir = os.path.join(root, f"sub-{data.subject}")
+    levels = [root, sub_dir] + ([os.path.join(sub_dir, f"ses-{data.session}")] if data.session else [])
+    found: list[str] = []
+    for level in levels:
+        names = sorted(n for n in level_json.get(level, []) if _applies(n, data))
+        if len(names) > 1:
+            paths = ", ".join(os.path.join(level, n) for n in names)
+            return (), InputProblem(data.subject, data.session, paths,
+                                    "several MRF sidecars apply at one folder level (BIDS inheritance)")
+        found += [os.path.join(level, n) for n in names if os.path.isfile(os.path.join(level, n))]
+    here = sorted(f.path for f in sidecar_dirs.get(os.path.dirname(mrf), [])
+                  if _applies(os.path.basename(f.path), data))
+    if len(here) > 1:
+        return (), InputProblem(data.subject, data.session, ", ".join(here),
+                                "several MRF sidecars apply at one folder level (BIDS inheritance)")
+    found += [p for p in here if os.path.isfile(p)]
+    return tuple(found), None
 
 
 def _first(names: list[str], n: int = 3) -> str:

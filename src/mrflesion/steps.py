@@ -69,6 +69,7 @@ def phantom(smk: Any) -> None:
         grid=str(cfg["grid"]),
         longitudinal=bool(cfg.get("longitudinal", False)),
         n_jobs=int(smk.threads),
+        inversion_efficiency=str(smk.params.get("inversion", "perfect")),
     )
 
 
@@ -78,8 +79,10 @@ def check_inputs(smk: Any) -> None:
     from .workflow import input_fingerprint
 
     record = smk.params.record
+    layers = list(smk.input.get("sidecars", [smk.input.sidecar]))
     try:
-        summary = check_subject(smk.params.key, files, smk.input.sidecar, int(smk.params.n_measurements))
+        summary = check_subject(smk.params.key, files, layers, int(smk.params.n_measurements),
+                                stated=smk.params.get("stated"))
     except InputError as exc:
         # read when the workflow is planned again: an unchanged bad input is skipped with its reason
         os.makedirs(os.path.dirname(record), exist_ok=True)
@@ -148,7 +151,7 @@ def _sidecar_for(path: str, fields: dict[str, Any]) -> None:
     write_json(base + ".json", fields)
 
 
-def mrf_mask(mrf: str, out_mask: str) -> int:
+def mrf_mask(mrf: str, out_mask: str, record: dict[str, Any] | None = None) -> int:
     """Brain mask of an MRF series (Otsu on the mean image, largest component, holes filled) with its
     sidecar; returns the number of brain voxels."""
     import nibabel as nib
@@ -165,7 +168,7 @@ def mrf_mask(mrf: str, out_mask: str) -> int:
         out.to_filename(tmp)
     _sidecar_for(out_mask, {
         "Type": "Brain", "Description": "Otsu threshold of the mean MRF image, largest component, holes filled",
-        "Sources": [str(mrf)], "Voxels": int(mask.sum()),
+        "Sources": [str(mrf)], "Voxels": int(mask.sum()), **(record or {}),
     })
     return int(mask.sum())
 
@@ -177,19 +180,34 @@ def qmri(smk: Any) -> None:
     match(smk)
 
 
+def _timing_record(checked: str) -> dict[str, Any]:
+    """How the subject's MRF series was interpreted (from its input check): the resolved timing, the
+    inversion model, the sidecars read and every value taken from the config; for the outputs' sidecars."""
+    import json
+
+    with open(checked) as fh:
+        info = json.load(fh)
+    if "timing" not in info:  # a check summary of an older version: check again
+        raise StepError(f"input check record without the MRF timing, rerun the input check: {checked}")
+    return {"MRFTiming": info["timing"], "TimingKey": info["timing_key"],
+            "InversionEfficiency": info["inversion_efficiency"], "MRFSidecars": info["sidecars"],
+            "TimingFromConfig": info["timing_from_config"]}
+
+
 def denoise(smk: Any) -> None:
     """The MRF brain mask, then MPPCA denoising inside it (series and noise map); part of ``qmri``."""
     from .denoise import denoise_file
 
     cfg = smk.params.denoise
     t0 = time.perf_counter()
-    voxels = mrf_mask(smk.input.mrf, smk.output.mask)
+    voxels = mrf_mask(smk.input.mrf, smk.output.mask, _timing_record(smk.input.checked))
     print(f"brain mask: {voxels} voxels")
     stats = denoise_file(
         smk.input.mrf, smk.output.denoised, smk.output.sigma, mask_path=smk.output.mask,
         patch_radius=int(cfg["patch_radius"]), device=str(cfg["device"]),
     )
-    common = {"Sources": [str(smk.input.mrf), str(smk.output.mask)], "SoftwareStep": "MPPCA", **_jsonable(stats)}
+    common = {"Sources": [str(smk.input.mrf), str(smk.output.mask)], "SoftwareStep": "MPPCA", **_jsonable(stats),
+              **_timing_record(smk.input.checked)}
     _sidecar_for(smk.output.denoised, {"Description": "MPPCA-denoised MRF-EPI series", **common})
     _sidecar_for(smk.output.sigma, {"Description": "MPPCA noise standard deviation", "Units": "arbitrary", **common})
     print(f"denoise: {time.perf_counter() - t0:.1f} s")
@@ -211,26 +229,36 @@ def dictionary(smk: Any) -> None:
 
 def match(smk: Any) -> None:
     """Dictionary matching of the denoised series inside the brain mask; part of ``qmri``."""
+    import json
+    import tempfile
+
     from .mrf.matching import match_file
 
     cfg = smk.params.matching
     t0 = time.perf_counter()
+    record = _timing_record(smk.input.checked)
     f = {"mrf": smk.output.denoised, "mask": smk.output.mask, "sidecar": smk.input.sidecar,
          "dictionary": smk.input.dictionary}
     out = {"T1": smk.output.T1, "T2star": smk.output.T2star, "B1": smk.output.B1, "M0": smk.output.M0,
            "quality": smk.output.quality}
-    stats = match_file(
-        f["mrf"], f["sidecar"], f["dictionary"], out, mask_path=f["mask"],
-        mode=str(cfg["mode"]), device=str(cfg["device"]), block_voxels=int(cfg["block_voxels"]),
-        threads=int(smk.threads), progress=True, refine=bool(cfg.get("refine", True)),
-    )
-    sources = [f["mrf"], f["sidecar"], f["mask"]]
+    # the series is matched with the timing its input check resolved (sidecar inheritance, values stated
+    # in the config, inversion model), which is the timing the dictionary was built for
+    with tempfile.TemporaryDirectory(prefix="mrflesion-timing-") as tmp:
+        resolved = os.path.join(tmp, "timing.json")
+        with open(resolved, "w") as fh:
+            json.dump(record["MRFTiming"], fh)
+        stats = match_file(
+            f["mrf"], resolved, f["dictionary"], out, mask_path=f["mask"],
+            mode=str(cfg["mode"]), device=str(cfg["device"]), block_voxels=int(cfg["block_voxels"]),
+            threads=int(smk.threads), progress=True, refine=bool(cfg.get("refine", True)),
+        )
+    sources = [f["mrf"], *record["MRFSidecars"], f["mask"]]
     units = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)",
              "M0": "arbitrary", "quality": "1 (cosine of the matched atom and the signal)"}
     for key, path in out.items():
         _sidecar_for(path, {
             "Description": f"MRF dictionary matching: {key}", "Units": units[key], "Sources": sources,
-            "Dictionary": f["dictionary"], **_jsonable(stats),
+            "Dictionary": f["dictionary"], **_jsonable(stats), **record,
         })
     print(f"match: {time.perf_counter() - t0:.1f} s")
 

@@ -3,22 +3,32 @@
 Every failure raises :class:`InputError` whose message is one line naming the subject, what is
 wrong and the file, e.g. ``sub-07: MRF series has 34 volumes, expected 35: /data/sub-07/anat/...``.
 Valid-but-unusual inputs are handled, not rejected: an empty lesion mask (a control) is fine.
+
+What cannot be interpreted with certainty is refused: an MRF sidecar (after BIDS inheritance, with the
+values the config states in ``mrf_timing``) without a timing key, with times in milliseconds or an
+order that disagrees with itself (:func:`resolve_timing`); images without a usable orientation, whose
+physical extent disagrees with the T2w's, or MRF data that are not magnitude (complex, negative).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from .mrf.sequence import Protocol, ProtocolError
+from .mrf.sequence import Protocol, ProtocolError, resolve_sidecar
+
+#: Largest ratio between the MRF's and the T2w's in-plane field of view (mm) accepted as the same anatomy.
+FOV_RATIO_TOLERANCE = 1.5
 
 
 class InputError(ValueError):
@@ -141,47 +151,164 @@ def read_sidecar(key: str, path: str | Path) -> dict[str, Any]:
     return side
 
 
+class SidecarError(ProtocolError):
+    """An MRF sidecar layer that cannot be read; ``path`` names it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        super().__init__(reason)
+
+
+def stated_timing(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The timing values the user states in the config: ``mrf_timing`` (sidecar keys and units) and the
+    inversion model of ``sequence_model.inversion_efficiency`` (default ``perfect``)."""
+    out = dict(config.get("mrf_timing") or {})
+    out["InversionEfficiency"] = str((config.get("sequence_model") or {}).get("inversion_efficiency", "perfect"))
+    return out
+
+
+@dataclass(frozen=True)
+class ResolvedTiming:
+    """The MRF timing of a subject: the protocol, its sidecar form and what came from the config."""
+
+    protocol: Protocol
+    from_config: tuple[str, ...]
+    key: str
+    sidecar: dict[str, Any]
+
+    def timing_key(self) -> str:
+        return self.key
+
+    def to_sidecar(self) -> dict[str, Any]:
+        return self.sidecar
+
+    def record(self) -> dict[str, Any]:
+        """What every output sidecar of the maps records about the interpretation of the series."""
+        return {"MRFTiming": self.sidecar, "TimingKey": self.key,
+                "InversionEfficiency": self.protocol.inversion_efficiency,
+                "TimingFromConfig": {k: self.sidecar.get(k) for k in self.from_config}}
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_texts(texts: tuple[tuple[str, str], ...], stated_json: str) -> ResolvedTiming:
+    layers = []
+    for path, text in texts:
+        try:
+            side = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SidecarError(path, str(exc)) from None
+        if not isinstance(side, dict):
+            raise SidecarError(path, "not a JSON object")
+        layers.append(side)
+    merged, from_config = resolve_sidecar(layers, json.loads(stated_json))
+    protocol = Protocol.from_sidecar(merged)
+    return ResolvedTiming(protocol, tuple(from_config), protocol.timing_key(), protocol.to_sidecar())
+
+
+def resolve_timing(layers: str | Sequence[str], stated: Mapping[str, Any] | None = None) -> ResolvedTiming:
+    """The MRF timing from the sidecar layers (BIDS inheritance, top level first) and the stated values.
+
+    Raises :class:`SidecarError` (a layer is unreadable or not a JSON object; ``path`` names it) or
+    :class:`ProtocolError` (a timing key missing, implausible or contradicting another).
+    """
+    paths = [layers] if isinstance(layers, str | Path) else list(layers)
+    texts = []
+    for path in paths:
+        try:
+            texts.append((str(path), Path(path).read_text()))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SidecarError(path, f"cannot read: {exc}") from None
+    return _resolve_texts(tuple(texts), json.dumps(dict(stated or {}), sort_keys=True))
+
+
+def _check_orientation(key: str, img: nib.Nifti1Image, path: str | Path, what: str, identity: bool) -> None:
+    """A scanner orientation is present (qform or sform code set) and, for ``identity``, not the identity."""
+    hdr = img.header
+    if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
+        raise InputError(key, f"{what} has no orientation (qform and sform codes 0)", path)
+    if identity and np.allclose(img.affine, np.eye(4)):
+        raise InputError(key, f"{what} affine is the identity (no scanner orientation and voxel size)", path)
+
+
+def inplane_fov_mm(img: nib.Nifti1Image) -> np.ndarray:
+    """The two largest physical extents (mm) of an image's field of view along the world axes."""
+    ext = np.abs(np.asarray(img.affine)[:3, :3]) @ np.asarray(img.shape[:3], float)
+    return np.sort(ext)[::-1][:2]
+
+
 def check_subject(
-    key: str, files: Mapping[str, str], sidecar: str, n_measurements: int = 35
+    key: str,
+    files: Mapping[str, str],
+    sidecar: str | Sequence[str],
+    n_measurements: int = 35,
+    stated: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Check MRF (+ sidecar), T2w, FLAIR and lesion mask; return a summary for the record."""
+    """Check MRF (+ sidecar), T2w, FLAIR and lesion mask; return a summary for the record.
+
+    ``sidecar``: the MRF sidecar, or every sidecar that applies (BIDS inheritance, top level first);
+    ``stated``: the timing values stated in the config (:func:`stated_timing`).
+    """
+    layers = [sidecar] if isinstance(sidecar, str | Path) else list(sidecar)
+    main_sidecar = str(layers[-1])
     mrf_img, mrf = load_image(key, files["mrf"], "MRF series")
     if mrf.ndim != 4:
         raise InputError(key, f"MRF series must be 4D, got {mrf.ndim}D", files["mrf"])
     if mrf.shape[3] != n_measurements:
         raise InputError(key, f"MRF series has {mrf.shape[3]} volumes, expected {n_measurements}", files["mrf"])
+    if np.iscomplexobj(mrf):
+        raise InputError(key, f"MRF series is complex-valued ({mrf.dtype}); magnitude images expected", files["mrf"])
     _check_values(key, mrf, files["mrf"], "MRF series")
+    if mrf.min() < 0:
+        raise InputError(
+            key, f"MRF series has negative values (min {float(mrf.min()):g}); magnitude images expected "
+            "(phase or real/imaginary data?)", files["mrf"]
+        )
     empty = [i + 1 for i in range(mrf.shape[3]) if not np.any(mrf[..., i])]
     if empty:
         raise InputError(
             key, f"MRF series volume {empty[0]} of {mrf.shape[3]} is all zero ({len(empty)} such)", files["mrf"]
         )
-    side = read_sidecar(key, sidecar)
+    _check_orientation(key, mrf_img, files["mrf"], "MRF series", identity=True)
+    for layer in layers:
+        read_sidecar(key, layer)
     try:
-        protocol = Protocol.from_sidecar(side)
+        timing = resolve_timing(layers, stated)
+    except SidecarError as exc:
+        raise InputError(key, f"MRF sidecar is not valid JSON ({exc})", exc.path) from None
     except (ProtocolError, ValueError) as exc:  # float("abc") in a timing list is a plain ValueError
-        raise InputError(key, f"MRF sidecar timing: {exc}", sidecar) from None
+        raise InputError(key, f"MRF sidecar timing: {exc}", main_sidecar) from None
+    protocol = timing.protocol
     if protocol.n_measurements != n_measurements:
         raise InputError(
-            key, f"MRF sidecar lists {protocol.n_measurements} measurements, expected {n_measurements}", sidecar
+            key, f"MRF sidecar lists {protocol.n_measurements} measurements, expected {n_measurements}",
+            main_sidecar,
         )
     if protocol.n_slices != mrf.shape[2]:
         raise InputError(
-            key, f"MRF sidecar SliceOrder has {protocol.n_slices} slices, image has {mrf.shape[2]}", sidecar
+            key, f"MRF sidecar SliceOrder has {protocol.n_slices} slices, image has {mrf.shape[2]}", main_sidecar
         )
 
     t2w_img, t2w = load_image(key, files["t2w"], "T2w image")
     if t2w.ndim != 3:
         raise InputError(key, f"T2w image must be 3D, got {t2w.ndim}D", files["t2w"])
     _check_values(key, t2w, files["t2w"], "T2w image")
+    _check_orientation(key, t2w_img, files["t2w"], "T2w image", identity=False)
     frac = overlap_fraction(mrf_img, t2w_img)
     if frac < 0.5:
         raise InputError(key, f"MRF and T2w fields of view overlap by only {frac:.0%}", files["t2w"])
+    fov_mrf, fov_t2w = inplane_fov_mm(mrf_img), inplane_fov_mm(t2w_img)
+    ratio = fov_mrf / fov_t2w
+    if np.any(ratio > FOV_RATIO_TOLERANCE) or np.any(ratio < 1 / FOV_RATIO_TOLERANCE):
+        raise InputError(
+            key, f"MRF field of view {fov_mrf[0]:.0f} x {fov_mrf[1]:.0f} mm disagrees with the T2w's "
+            f"{fov_t2w[0]:.0f} x {fov_t2w[1]:.0f} mm (voxel size or orientation wrong?)", files["mrf"]
+        )
 
     flair_img, flair = load_image(key, files["flair"], "FLAIR image")
     if flair.ndim != 3:
         raise InputError(key, f"FLAIR image must be 3D, got {flair.ndim}D", files["flair"])
     _check_values(key, flair, files["flair"], "FLAIR image")
+    _check_orientation(key, flair_img, files["flair"], "FLAIR image", identity=False)
     frac_flair = overlap_fraction(flair_img, t2w_img)
     if frac_flair < 0.5:
         raise InputError(key, f"FLAIR and T2w fields of view overlap by only {frac_flair:.0%}", files["flair"])
@@ -215,4 +342,10 @@ def check_subject(
         "lesion_ml": round(lesion_voxels * float(np.prod(mask_img.header.get_zooms()[:3])) / 1000.0, 4),
         "timing_key": protocol.timing_key(),
         "n_slices": protocol.n_slices,
+        "n_slots": protocol.n_slots,
+        "multiband": protocol.multiband,
+        "inversion_efficiency": protocol.inversion_efficiency,
+        "sidecars": [str(x) for x in layers],
+        "timing_from_config": {k: timing.sidecar.get(k) for k in timing.from_config},
+        "timing": timing.sidecar,
     }

@@ -88,9 +88,10 @@ def make_plan(config: Mapping[str, Any]) -> Plan:
     grid_key = _grid_key(config)
     for s in disc.subjects:
         try:
-            protocol = _protocol_of(s, config) if not phantom else _phantom_protocol(config)
+            protocol = _protocol_of(s, config) if not phantom else _phantom_protocol(config, s.site)
         except (OSError, ValueError) as exc:
-            plan.problems.append(InputProblem(s.subject, s.session, s.sidecar, f"unusable MRF sidecar ({exc})"))
+            where = getattr(exc, "path", s.sidecar)  # the sidecar layer at fault (BIDS inheritance)
+            plan.problems.append(InputProblem(s.subject, s.session, where, f"unusable MRF sidecar ({exc})"))
             continue
         fingerprint = protocol.timing_key()
         key = f"{fingerprint}_{grid_key}"
@@ -162,19 +163,10 @@ def _grid_key(config: Mapping[str, Any]) -> str:
 
 
 def _protocol_of(s: SubjectInputs, config: Mapping[str, Any]) -> Any:
-    with open(s.sidecar) as fh:
-        return _protocol_from_text(fh.read())
+    """The subject's MRF timing: its sidecars (BIDS inheritance) with the config's stated values."""
+    from .validate import resolve_timing, stated_timing
 
-
-@functools.lru_cache(maxsize=4096)
-def _protocol_from_text(text: str) -> Any:
-    """Parse a sidecar's timing once per distinct sidecar text (cohorts share a few schedules)."""
-    from .mrf.sequence import Protocol
-
-    sidecar = json.loads(text)
-    if not isinstance(sidecar, dict):
-        raise ValueError("not a JSON object")
-    return _KeyedProtocol(Protocol.from_sidecar(sidecar))
+    return resolve_timing(s.sidecar_layers, stated_timing(config))
 
 
 class _KeyedProtocol:
@@ -191,11 +183,20 @@ class _KeyedProtocol:
         return self._sidecar
 
 
-def _phantom_protocol(config: Mapping[str, Any]) -> Any:
-    from .mrf.sequence import Protocol
+def _phantom_protocol(config: Mapping[str, Any], site: str) -> Any:
+    """The timing the phantom writes for a site (SMS at an SMS site), with the configured inversion model."""
     from .phantom import GRIDS
+    from .validate import stated_timing
 
-    return Protocol.default(int(GRIDS[config["phantom"]["grid"]]["n_slices"]))
+    inversion = stated_timing(config)["InversionEfficiency"]
+    return _phantom_timing(int(GRIDS[config["phantom"]["grid"]]["n_slices"]), site, inversion)
+
+
+@functools.lru_cache(maxsize=64)
+def _phantom_timing(n_slices: int, site: str, inversion: str) -> Any:
+    from .phantom import site_protocol
+
+    return _KeyedProtocol(site_protocol(n_slices, site, inversion))
 
 
 def version_info() -> dict[str, str]:

@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-CONTROL_VALUES = ("control", "controls", "hc", "healthy", "volunteer")
+#: Group values taken for healthy controls when no list is given. The workflow does not rely on it:
+#: discovery maps each participant's group through the config's ``control_labels`` / ``patient_labels``
+#: to ``control`` or ``patient`` (and refuses any other value), so the split sees those two words.
+CONTROL_VALUES = ("control", "controls", "hc", "hv", "healthy", "volunteer")
 
 
 def _counts_for(n: int | Sequence[int] | Mapping[str, int], sites: list[str]) -> dict[str, int]:

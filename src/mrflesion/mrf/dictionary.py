@@ -6,7 +6,10 @@ Grid (DESIGN.md section 2): T1 300-3500 ms and T2* 10-2500 ms in geometric steps
 52 x 115 x 9 candidates, 44,883 atoms.
 
 Because of the staggered inversions every slice position has its own timing, so a dictionary holds
-one :class:`SliceDictionary` per slice position. Each stores:
+one :class:`SliceDictionary` per distinct slice timing: per slice position without SMS; with SMS
+the slices excited together share a slot, hence a timing, and one set of atoms (the slice positions
+of a slot map to the same :class:`SliceDictionary`). The inversion model
+(``Protocol.inversion_efficiency``) is part of the protocol and of its timing key. Each stores:
 
 * the atoms (magnitude ``|simulate(...)|``, unit L2 norm, float32) and each atom's norm before normalisation, so that
   ``M0 = <signal, atom> / norm`` (least-squares proton density of a unit-PD atom);
@@ -41,7 +44,7 @@ import numpy as np
 from .sequence import Protocol
 from .signal import simulate
 
-FORMAT_VERSION = 2  # 2: magnitude atoms (1 stored signed atoms)
+FORMAT_VERSION = 3  # 3: SMS slots share atoms, inversion model in the protocol (2: magnitude atoms)
 N_CHECK_ATOMS = 16
 
 
@@ -268,6 +271,11 @@ class MRFDictionary:
         self.n_clusters = int(n_clusters)
         self.t1, self.t2star, self.b1 = grid.parameters()
         self._meta = slices  # per slice: basis, singular_values, rank, labels, check, [atoms, norms]
+        # slice positions with identical timing (one SMS slot) share one meta and one set of atoms
+        first: dict[int, int] = {}
+        for k in sorted(slices):
+            first.setdefault(id(slices[k]), k)
+        self._share = {k: first[id(slices[k])] for k in slices}
         self._cache: OrderedDict[int, SliceDictionary] = OrderedDict()
         self.max_cached = max_cached
 
@@ -294,7 +302,7 @@ class MRFDictionary:
 
     def slice(self, slice_index: int) -> SliceDictionary:
         """The dictionary of one slice position (re-simulated if it was stored without atoms)."""
-        k = self.require_slice(slice_index)
+        k = self._share[self.require_slice(slice_index)]
         if k in self._cache:
             self._cache.move_to_end(k)
             return self._cache[k]
@@ -344,10 +352,13 @@ class MRFDictionary:
             "rank_energy": self.rank_energy,
             "n_clusters": self.n_clusters,
             "slices": list(self.slice_indices),
+            "shared": {str(k): r for k, r in self._share.items() if r != k},
             "include_atoms": bool(include_atoms),
         }
         arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
         for k in self.slice_indices:
+            if self._share[k] != k:
+                continue
             m = self._meta[k]
             arrays[f"s{k}_basis"] = m["basis"]
             arrays[f"s{k}_singular_values"] = m["singular_values"]
@@ -395,7 +406,10 @@ class MRFDictionary:
             }
         )
         slices: dict[int, dict[str, np.ndarray]] = {}
+        shared = {int(k): int(r) for k, r in meta.get("shared", {}).items()}
         for k in meta["slices"]:
+            if int(k) in shared:
+                continue
             s = {
                 "basis": data[f"s{k}_basis"],
                 "singular_values": data[f"s{k}_singular_values"],
@@ -407,6 +421,8 @@ class MRFDictionary:
                 s["atoms"] = data[f"s{k}_atoms"]
                 s["norms"] = data[f"s{k}_norms"]
             slices[int(k)] = s
+        for k, r in shared.items():
+            slices[k] = slices[r]
         out = cls(protocol, grid, slices, meta["rank_energy"], meta["n_clusters"])
         if out.n_atoms != slices[next(iter(slices))]["labels"].size:
             raise DictionaryError(f"{path}: grid and stored atoms disagree")
@@ -424,7 +440,8 @@ def build_dictionary(
 ) -> MRFDictionary:
     """Simulate, normalise, SVD-compress and cluster the atoms of every requested slice position.
 
-    ``slices``: slice positions (indices along the image's 3rd axis); default all.
+    ``slices``: slice positions (indices along the image's 3rd axis); default all. Slice positions of
+    one SMS slot share their timing and are simulated once.
     ``rank_energy``: energy fraction that fixes the SVD rank per slice position.
     ``n_clusters``: clusters for pruned matching (k-means in the rank-r space; the first slice
     position starts from a seeded random pick, later ones from the previous labels).
@@ -441,7 +458,13 @@ def build_dictionary(
     metas: dict[int, dict[str, np.ndarray]] = {}
     prev_labels: np.ndarray | None = None
     t_start = time.perf_counter()
+    done: dict[int, int] = {}  # timing representative -> first slice position built with it
     for j, k in enumerate(idx):
+        rep = protocol.timing_representative(k)
+        if rep in done:
+            metas[k] = metas[done[rep]]
+            continue
+        done[rep] = k
         atoms, norms = _simulate_atoms(protocol, k, params)
         _, sv, vt = np.linalg.svd(atoms.astype(np.float64), full_matrices=False)
         energy = np.cumsum(sv**2) / np.sum(sv**2)

@@ -1,10 +1,13 @@
 """The one MRF-EPI signal model, shared by the phantom and the dictionary.
 
-Perfect spoiling, hard pulses scaled by B1, exponential relaxation between events:
+Perfect spoiling, hard excitation pulses scaled by B1, exponential relaxation between events:
 
 * relaxation over ``dt``:   Mz <- 1 + (Mz - 1) * exp(-dt / T1)      (equilibrium magnetisation 1)
 * excitation with angle a:  signal = Mz * sin(B1 * a) * exp(-TE / T2*),  Mz <- Mz * cos(B1 * a)
-* inversion (180 deg):      Mz <- Mz * cos(B1 * pi)
+* inversion (180 deg):      Mz <- -Mz                 (``protocol.inversion_efficiency == "perfect"``:
+                                                       adiabatic, B1-independent; the default and the
+                                                       authors' released dictionary code)
+                            Mz <- Mz * cos(B1 * pi)   (``"b1"``: a hard pulse scaled by B1)
 
 The recursion runs over the slice's events (dummy passes, inversions, readouts) and is vectorised
 over any broadcastable array of (T1, T2*, B1), so one call simulates a whole dictionary or a whole
@@ -44,7 +47,7 @@ def simulate(
     mz = np.ones_like(r1)
     out = np.empty((protocol.n_measurements, r1.size), dtype=np.float64)
     t_prev = 0.0
-    cos_inv = np.cos(np.pi * b1f)
+    cos_inv = np.cos(np.pi * b1f) if protocol.inversion_efficiency == "b1" else np.full_like(b1f, -1.0)
     for kind, t, flip, te, m in zip(
         ev["kind"], ev["time_ms"], ev["flip_deg"], ev["te_ms"], ev["measurement"], strict=True
     ):

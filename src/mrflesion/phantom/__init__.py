@@ -10,10 +10,10 @@ import argparse
 import sys
 import time
 
-from .cohort import cohort_table, generate
+from .cohort import cohort_table, generate, site_protocol
 from .config import GRIDS
 
-__all__ = ["GRIDS", "cohort_table", "generate", "main"]
+__all__ = ["GRIDS", "cohort_table", "generate", "main", "site_protocol"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", choices=sorted(GRIDS), default="demo")
     p.add_argument("--longitudinal", action="store_true", help="add a follow-up session ses-02")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--inversion", choices=["perfect", "b1"], default="perfect",
+                   help="inversion model of the MRF simulation (perfect: B1-independent, as the dictionary default)")
     p.add_argument("--quiet", action="store_true", help="no per-subject progress")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             longitudinal=a.longitudinal,
             n_jobs=a.jobs,
             progress=not a.quiet,
+            inversion_efficiency=a.inversion,
         )
     except (FileExistsError, ValueError) as exc:
         print(f"mrflesion phantom: error: {exc}", file=sys.stderr)

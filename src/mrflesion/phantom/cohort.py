@@ -85,6 +85,14 @@ def _site_info(cfg: dict[str, Any], site: str) -> dict[str, Any]:
     return cfg["sites"][site] if site in cfg["sites"] else cfg["sites"][sorted(cfg["sites"])[-1]]
 
 
+def site_protocol(n_slices: int, site: str, inversion_efficiency: str = "perfect") -> Protocol:
+    """The MRF protocol of a phantom site: the published schedule on ``n_slices`` slices, SMS with the
+    site's ``multiband`` factor (``resources/phantom.yaml``), the given inversion model. The workflow
+    plans the dictionaries of the phantom with this very function."""
+    mb = _site_info(load_config(), site).get("multiband") or 1
+    return Protocol.default(int(n_slices), multiband=int(mb), inversion_efficiency=inversion_efficiency)
+
+
 def _wm_reference(protocol: Protocol, cfg: dict[str, Any]) -> float:
     """Mean MRF signal of nominal WM (centre of the configured ranges, B1 = 1), unit gain."""
     wm = cfg["tissues"]["WM"]
@@ -489,7 +497,7 @@ def _generate_subject(job: dict[str, Any]) -> dict[str, Any]:
         job["group"],
         job["sessions"],
     )
-    protocol = Protocol.default(int(job["grid"]["shape"][2]))
+    protocol = site_protocol(int(job["grid"]["shape"][2]), job["site"], job["inversion_efficiency"])
     root = Path(job["root"])
     stats = [_write_session(root, cfg, subj, ses, protocol, job["noise"]) for ses in subj.sessions]
     return {"participant_id": subj.participant_id, "seconds": time.perf_counter() - t0, "sessions": stats}
@@ -497,7 +505,8 @@ def _generate_subject(job: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- dataset files
 def _dataset_files(
-    root: Path, table: pd.DataFrame, seed: int, grid_name: str, grid: dict[str, Any], longitudinal: bool
+    root: Path, table: pd.DataFrame, seed: int, grid_name: str, grid: dict[str, Any], longitudinal: bool,
+    inversion_efficiency: str = "perfect",
 ) -> None:
     gen = {
         "Name": GENERATOR,
@@ -510,6 +519,7 @@ def _dataset_files(
         "grid": grid_name,
         "grid_spec": grid,
         "longitudinal": longitudinal,
+        "inversion_efficiency": inversion_efficiency,
         "config": "resources/phantom.yaml",
     }
     write_json(
@@ -608,6 +618,7 @@ def generate(
     longitudinal: bool = False,
     n_jobs: int = 1,
     progress: bool = True,
+    inversion_efficiency: str = "perfect",
     *,
     _noise: bool = True,
     _grid_override: dict[str, Any] | None = None,
@@ -615,8 +626,15 @@ def generate(
     """Write the phantom dataset to ``out_dir`` (atomically) and return the cohort table.
 
     ``out_dir`` may not exist, be empty, or hold an earlier phantom (it is replaced); anything else
-    raises :class:`FileExistsError`. ``_noise`` / ``_grid_override`` are private test switches.
+    raises :class:`FileExistsError`. ``inversion_efficiency``: the inversion model the MRF series are
+    simulated with (``perfect`` or ``b1``, see :mod:`mrflesion.mrf.signal`; the workflow passes its
+    ``sequence_model.inversion_efficiency``, so that phantom and dictionary agree). ``_noise`` /
+    ``_grid_override`` are private test switches.
     """
+    from mrflesion.mrf.sequence import INVERSION_MODELS
+
+    if inversion_efficiency not in INVERSION_MODELS:
+        raise ValueError(f"inversion_efficiency must be one of {INVERSION_MODELS}, got {inversion_efficiency!r}")
     out = Path(out_dir).resolve()
     if out.exists() and not _is_phantom_dir(out):
         raise FileExistsError(f"{out} exists and is not a phantom dataset; refusing to replace it")
@@ -626,7 +644,8 @@ def generate(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         get_atlas()  # load once in the parent: forked workers inherit it
-        _dataset_files(tmp, table, seed, grid if _grid_override is None else "custom", g, longitudinal)
+        _dataset_files(tmp, table, seed, grid if _grid_override is None else "custom", g, longitudinal,
+                       inversion_efficiency)
         jobs = [
             {
                 "grid": g,
@@ -638,6 +657,7 @@ def generate(
                 "sessions": list(r["sessions"]),
                 "root": str(tmp),
                 "noise": _noise,
+                "inversion_efficiency": inversion_efficiency,
             }
             for i, r in table.iterrows()
         ]
