@@ -1,6 +1,6 @@
 # Registration to the T2w image, one job per subject: the MRF T1 map (rigid, then a phase-encode-restricted
-# SyN stage when registration.phase_encode_stage) carrying the maps, the MRF series and the brain mask, then
-# the FLAIR image (rigid) carrying the manual lesion mask.
+# SyN stage when registration.phase_encode_stage) carrying the maps, the MRF series and the brain mask, and
+# beside it the FLAIR image (rigid) carrying the manual lesion mask.
 
 _PE_STAGE = bool(config["registration"]["phase_encode_stage"])
 _XFM = f"{OUT}/{{stem}}_from-MRF_to-T2w_mode-image"
@@ -41,8 +41,9 @@ rule register:
             mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
         ),
         cfg=config["registration"],
-    # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
-    threads: 1
+    # two threads: the MRF and FLAIR registrations side by side, each with single-threaded ANTs (ANTs with
+    # more threads is not reproducible run to run, tests/test_resume.py); one thread: one after the other
+    threads: 2
     resources:
         mem_mb=mem_per_attempt(4000),
     benchmark:

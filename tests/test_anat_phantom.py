@@ -29,12 +29,12 @@ os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "2"
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 from mrflesion import anat_steps  # noqa: E402
 from mrflesion import registration as reg  # noqa: E402
 from mrflesion.masking import series_brain_mask  # noqa: E402
 from mrflesion.phantom import generate  # noqa: E402
+from mrflesion.phantom.fields import undo_displacement  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -75,20 +75,9 @@ def true_t2w_to_mrf(truth_dir: Path, sub: str, t2w: nib.Nifti1Image) -> np.ndarr
     """MRF world point of every T2w voxel: solve p + d(p) e_y = Inverse @ q (fixed point)."""
     minv = np.asarray(json.loads((truth_dir / f"{sub}_from-MRF_to-T2w_mode-image_xfm.json").read_text())["Inverse"])
     dimg = nib.load(truth_dir / f"{sub}_space-MRF_desc-pedisplacement_xfm.nii.gz")
-    d, ainv = dimg.get_fdata(), np.linalg.inv(dimg.affine)
     ijk = np.stack(np.indices(t2w.shape[:3], dtype=float), -1)
     q = ijk @ t2w.affine[:3, :3].T + t2w.affine[:3, 3]
-    target = q @ minv[:3, :3].T + minv[:3, 3]
-    p = target.copy()
-    for _ in range(100):
-        vox = p @ ainv[:3, :3].T + ainv[:3, 3]
-        new = target.copy()
-        new[..., 1] -= ndimage.map_coordinates(d, np.moveaxis(vox, -1, 0), order=1, mode="nearest")
-        done = np.abs(new - p).max() < 1e-6
-        p = new
-        if done:
-            break
-    return p
+    return undo_displacement(q @ minv[:3, :3].T + minv[:3, 3], dimg.get_fdata(), dimg.affine)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -118,10 +118,13 @@ def test_accuracy_b1_on_grid(protocol: Protocol, dictionary: MRFDictionary) -> N
     series, truth, mask = make_series(protocol, 2000, seed=1, b1_grid=True)
     grid = match(series, dictionary, mask=mask, refine=False)
     maps = match(series, dictionary, mask=mask)
-    for m, tol in ((grid, 1e-6), (maps, 2e-3)):  # refined B1 is continuous
-        for key in ("T1", "T2star"):
+    # Off-grid T1/T2* with on-grid B1: the grid match is within one 5 % step of the truth, except that
+    # T2* beyond ~150 ms (twice the longest TE) barely shapes the fingerprint, so with perfect inversions
+    # about 1 % of those voxels land two steps away on the grid; refinement brings them back.
+    for m, tol, t2s_steps in ((grid, 1e-6, 2), (maps, 2e-3, 1)):  # refined B1 is continuous
+        for key, steps in (("T1", 1), ("T2star", t2s_steps)):
             err = np.abs(np.log(m[key][mask] / truth[key][mask]))
-            assert np.mean(err <= STEP) >= 0.99, key
+            assert np.mean(err <= steps * STEP) >= 0.99, key
         assert np.mean(np.isclose(m["B1"][mask], truth["B1"][mask], atol=tol)) >= 0.99
         assert np.median(np.abs(m["M0"][mask] / truth["M0"][mask] - 1)) < 0.03
         assert np.all(m["quality"][mask] > 0.999)

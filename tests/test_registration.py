@@ -8,7 +8,11 @@ estimated transforms can be measured in T2w voxels.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "2"
 
@@ -182,10 +186,11 @@ def test_t1_to_t2w_pe_stage(synthetic_case) -> None:
     assert np.corrcoef(t1_t2w[b], t2w[b])[0, 1] > np.corrcoef(rigid_t1[b], t2w[b])[0, 1]
 
 
-def test_flair_mask_to_t2w(anatomy, synthetic_case) -> None:
+@pytest.fixture(scope="module")
+def flair_case(anatomy, synthetic_case) -> dict:
+    """FLAIR in its own pose (T2w world -> FLAIR world), own grid (1.5 x 1.5 x 3 mm), with a lesion."""
     c = synthetic_case
     rng = np.random.default_rng(3)
-    # FLAIR in its own pose (T2w world -> FLAIR world), own grid (1.5 x 1.5 x 3 mm)
     f_mat = rigid((2.0, 1.0, -3.0), (3.0, 2.0, -2.0))
     f_shape = (128, 150, 20)
     f_aff = grid_affine(f_shape, (1.5, 1.5, 3.0), CENTER + np.array([2.0, 1.0, 0.0]))
@@ -200,7 +205,13 @@ def test_flair_mask_to_t2w(anatomy, synthetic_case) -> None:
     pflair, pmask = c["out"] / "flair.nii.gz", c["out"] / "lesion_flair.nii.gz"
     nib.save(nib.Nifti1Image(flair.astype(np.float32), f_aff), pflair)
     nib.save(nib.Nifti1Image(lesion_f.astype(np.uint8), f_aff), pmask)
+    return {"flair": pflair, "mask": pmask, "f_mat": f_mat, "lesion": lesion_f, "centre": centre, "radii": radii}
 
+
+def test_flair_mask_to_t2w(synthetic_case, flair_case) -> None:
+    c, fc = synthetic_case, flair_case
+    pflair, pmask, f_mat, lesion_f = fc["flair"], fc["mask"], fc["f_mat"], fc["lesion"]
+    centre, radii = fc["centre"], fc["radii"]
     res = reg.register_flair_to_t2w(pflair, c["paths"]["t2w"], c["out"] / "sub-01")
     assert res.rigid.name == "sub-01_from-FLAIR_to-T2w_mode-image_desc-rigid_xfm.mat"
     m = reg.mask_to_t2w(pmask, res, c["paths"]["t2w"], c["out"] / "lesion_t2w.nii.gz")
@@ -220,3 +231,50 @@ def test_flair_mask_to_t2w(anatomy, synthetic_case) -> None:
     assert abs(vol_t2w / vol_flair - 1) < 0.05
     assert dice > 0.85
     assert resid["mean_vox"] < 0.3
+
+
+_SIDE_BY_SIDE = """
+import json, sys
+from mrflesion import anat_steps
+for args in json.loads(sys.argv[1]):
+    info_mrf, info_flair = anat_steps.register_both(args["mrf"], args["flair"], parallel=args["parallel"])
+    assert info_flair["lesion_voxels"] > 0 and info_mrf["mask_voxels"] > 0
+"""
+
+
+def test_register_both_side_by_side_identical(synthetic_case, flair_case, tmp_path) -> None:
+    """The MRF and FLAIR registrations run side by side (FLAIR in a forked process that then shares the
+    MRF series' resampling, each single-threaded ANTs) write exactly what they write one after the other.
+    In a fresh interpreter: ITK fixes its thread count at first use (this module's other tests use 2)."""
+    c, fc = synthetic_case, flair_case
+    t1 = str(c["paths"]["t1"])
+    series = np.stack([nib.load(t1).get_fdata() * s for s in (1.0, 0.5, 0.25, 0.125)], -1).astype(np.float32)
+    nib.save(nib.Nifti1Image(series, c["aff"]), tmp_path / "mrf.nii.gz")
+    nib.save(nib.Nifti1Image(c["brain"].astype(np.uint8), c["aff"]), tmp_path / "mask.nii.gz")
+    runs, written = [], {}
+    for mode in ("parallel", "sequential"):
+        d = tmp_path / mode
+        d.mkdir()
+        stem = str(d / "sub-01")
+        xfm = f"{stem}_from-MRF_to-T2w_mode-image"
+        out = {"rigid": f"{xfm}_desc-rigid_xfm.mat", "warp": f"{xfm}_desc-pewarp_xfm.nii.gz",
+               "inverse_warp": f"{stem}_from-T2w_to-MRF_mode-image_desc-pewarp_xfm.nii.gz",
+               **{k: f"{stem}_{k}.nii.gz" for k in ("T1", "T2star", "B1", "M0", "MRF", "mask")}}
+        flair = {"flair": str(fc["flair"]), "lesion": str(fc["mask"]), "t2w": str(c["paths"]["t2w"]),
+                 "out_xfm": f"{stem}_from-FLAIR_to-T2w_mode-image_xfm.mat",
+                 "out_lesion": f"{stem}_lesion.nii.gz", "out_flair": f"{stem}_flair.nii.gz"}
+        mrf = {"maps": dict.fromkeys(("T1", "T2star", "B1", "M0"), t1), "mrf": str(tmp_path / "mrf.nii.gz"),
+               "mrf_mask": str(tmp_path / "mask.nii.gz"), "t2w": str(c["paths"]["t2w"]), "out": out,
+               "phase_encode_stage": True, "mrf_full_transform": True}
+        runs.append({"mrf": mrf, "flair": flair, "parallel": mode == "parallel"})
+        written[mode] = {Path(p).name.split("sub-01")[1]: Path(p) for p in
+                         [*out.values(), flair["out_xfm"], flair["out_lesion"], flair["out_flair"]]}
+    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", _SIDE_BY_SIDE, json.dumps(runs)], check=True, env=env)
+    for name, p in written["parallel"].items():
+        q = written["sequential"][name]
+        if name.endswith(".mat"):
+            assert p.read_bytes() == q.read_bytes(), name
+        else:
+            assert np.array_equal(np.asarray(nib.load(p).dataobj), np.asarray(nib.load(q).dataobj)), name
+    assert nib.load(written["parallel"]["_MRF.nii.gz"]).shape == SHAPE + (4,)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +75,19 @@ def register_mrf_to_t2w(
     phase_encode_stage: bool = True,
     mrf_full_transform: bool = False,
     threads: int = 2,
+    pool: Executor | None = None,
 ) -> dict[str, Any]:
     """T1 map (MRF space) -> T2w, then resample the maps, the MRF series and the brain mask.
 
     ``maps``: MRF-space maps by key (``T1``, ``T2star``, ``B1``, ``M0``); ``out``: output paths by
     key (``rigid``, ``xfm_json``, ``warp``/``inverse_warp`` with the PE stage, the map keys, ``MRF``,
     ``mask``). Transforms are written under the names :mod:`mrflesion.registration` uses, derived
-    from ``out["rigid"]``. Returns the per-step timings (seconds) and the result.
+    from ``out["rigid"]``. ``pool``: a process pool that shares the resampling of the MRF series
+    (:func:`mrflesion.registration.apply_to_t2w`). Returns the per-step timings (seconds) and the result.
     """
-    from .registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w
+    import tempfile
+
+    from .registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w, uncompressed
 
     rigid_out = os.fspath(out["rigid"])
     if not rigid_out.endswith(_RIGID_SUFFIX):
@@ -98,41 +103,77 @@ def register_mrf_to_t2w(
         for key, path in (("warp", res.warp), ("inverse_warp", res.inverse_warp)):
             if key in out and Path(out[key]).resolve() != Path(path).resolve():  # type: ignore[arg-type]
                 raise ValueError(f"{key} written to {path}, expected {out[key]}")
-    for key in MAP_KEYS:
+    with tempfile.TemporaryDirectory(prefix="mrflesion_apply_") as folder:
+        app = uncompressed(res, folder)
+        t0 = time.perf_counter()  # the series first: a pool shares it from the start
+        with atomic_path(out["MRF"]) as tmp:
+            apply_to_t2w(mrf, app, t2w, tmp, interpolation="bSpline", rigid_only=not mrf_full_transform,
+                         clip_negative=True, threads=threads, pool=pool)
+        timings["apply_MRF"] = time.perf_counter() - t0
+        for key in MAP_KEYS:
+            t0 = time.perf_counter()
+            with atomic_path(out[key]) as tmp:
+                apply_to_t2w(maps[key], app, t2w, tmp, interpolation="bSpline", rigid_only=False,
+                             clip_negative=True, threads=threads)
+            timings[f"apply_{key}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with atomic_path(out[key]) as tmp:
-            apply_to_t2w(maps[key], res, t2w, tmp, interpolation="bSpline", rigid_only=False,
-                         clip_negative=True, threads=threads)
-        timings[f"apply_{key}"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with atomic_path(out["MRF"]) as tmp:
-        apply_to_t2w(mrf, res, t2w, tmp, interpolation="bSpline", rigid_only=not mrf_full_transform,
-                     clip_negative=True, threads=threads)
-    timings["apply_MRF"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mask = mask_to_t2w(mrf_mask, res, t2w, None, threshold=0.5, threads=threads)
-    _save_like(mask, t2w, out["mask"], "uint8")
-    timings["apply_mask"] = time.perf_counter() - t0
+        mask = mask_to_t2w(mrf_mask, app, t2w, None, threshold=0.5, threads=threads)
+        _save_like(mask, t2w, out["mask"], "uint8")
+        timings["apply_mask"] = time.perf_counter() - t0
     return {"result": res, "timings": timings, "mask_voxels": int(mask.sum())}
 
 
+def register_both(mrf: dict[str, Any], flair: dict[str, Any], parallel: bool = True
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`register_mrf_to_t2w` (``**mrf``) and :func:`register_flair_lesion` (``**flair``), each with
+    single-threaded ANTs (reproducible run to run); with ``parallel`` the FLAIR registration runs in a
+    forked process beside the MRF one, which then shares the resampling of the MRF series (two cores,
+    the same results as one after the other)."""
+    mrf, flair = {**mrf, "threads": 1}, {**flair, "threads": 1}
+    if not parallel:
+        return register_mrf_to_t2w(**mrf), register_flair_lesion(**flair)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending = pool.submit(register_flair_lesion, **flair)
+        info_mrf = register_mrf_to_t2w(**mrf, pool=pool)  # the pool then shares the MRF series
+        return info_mrf, pending.result()
+
+
 def register(smk: Any) -> None:
-    """Rule ``register``: the MRF maps, series and brain mask (:func:`register_mrf`), then the FLAIR
-    image and manual lesion mask (:func:`register_flair`) in T2w space."""
-    register_mrf(smk)
-    register_flair(smk)
+    """Rule ``register``: the MRF maps, series and brain mask (:func:`register_mrf`) and the FLAIR image
+    and manual lesion mask (:func:`register_flair`) in T2w space; side by side with two threads
+    (:func:`register_both`: single-threaded ANTs in each, the same results as one after the other)."""
+    info_mrf, info_flair = register_both(_mrf_args(smk), _flair_args(smk), parallel=int(smk.threads) >= 2)
+    register_mrf(smk, info_mrf)
+    register_flair(smk, info_flair)
 
 
-def register_mrf(smk: Any) -> None:
-    """Transforms, maps, MRF series and brain mask in T2w space (part of rule ``register``)."""
+def _mrf_args(smk: Any) -> dict[str, Any]:
+    cfg = smk.params.cfg
+    f = reads(smk)
+    return {"maps": {k: f[k] for k in MAP_KEYS}, "mrf": f["mrf"], "mrf_mask": f["mask"], "t2w": f["t2w"],
+            "out": {k: smk.output[k] for k in smk.output.keys() if k not in ("flair_xfm", "lesion", "flair")},
+            "phase_encode_stage": bool(cfg["phase_encode_stage"]),
+            "mrf_full_transform": bool(cfg["mrf_full_transform"]), "threads": 1}
+
+
+def _flair_args(smk: Any) -> dict[str, Any]:
+    return {"flair": smk.input.flair, "lesion": smk.input.lesion, "t2w": smk.input.t2w,
+            "out_xfm": smk.output.flair_xfm, "out_lesion": smk.output.lesion, "out_flair": smk.output.flair,
+            "threads": 1}
+
+
+def register_mrf(smk: Any, info: dict[str, Any] | None = None) -> None:
+    """Transforms, maps, MRF series and brain mask in T2w space (part of rule ``register``); ``info``:
+    the result of :func:`register_mrf_to_t2w` when already run (else it runs here)."""
     cfg = smk.params.cfg
     pe = bool(cfg["phase_encode_stage"])
     full = bool(cfg["mrf_full_transform"])
     f = reads(smk)
-    maps = {k: f[k] for k in MAP_KEYS}
-    out = {k: smk.output[k] for k in smk.output.keys() if k not in ("flair_xfm", "lesion", "flair")}
-    info = register_mrf_to_t2w(maps, f["mrf"], f["mask"], f["t2w"], out,
-                               phase_encode_stage=pe, mrf_full_transform=full, threads=int(smk.threads))
+    if info is None:
+        info = register_mrf_to_t2w(**_mrf_args(smk))
     res, timings = info["result"], _rounded(info["timings"])
     full_list = [os.fspath(p) for p in res.transforms(rigid_only=False)]
     mrf_list = [os.fspath(p) for p in res.transforms(rigid_only=not full)]
@@ -213,10 +254,11 @@ def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_l
     return {"result": res, "timings": timings, "lesion_voxels": int(m.sum())}
 
 
-def register_flair(smk: Any) -> None:
-    """FLAIR transform and the manual lesion mask in T2w space (part of rule ``register``)."""
-    info = register_flair_lesion(smk.input.flair, smk.input.lesion, smk.input.t2w, smk.output.flair_xfm,
-                                 smk.output.lesion, threads=int(smk.threads), out_flair=smk.output.flair)
+def register_flair(smk: Any, info: dict[str, Any] | None = None) -> None:
+    """FLAIR transform and the manual lesion mask in T2w space (part of rule ``register``); ``info``: the
+    result of :func:`register_flair_lesion` when already run (else it runs here)."""
+    if info is None:
+        info = register_flair_lesion(**_flair_args(smk))
     timings = _rounded(info["timings"])
     write_json(_json_path(smk.output.flair_xfm), {
         "Description": "Rigid FLAIR -> T2w transform (ANTs Mattes MI; ITK .mat, maps T2w points to "

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,15 +221,43 @@ def _registration(**kwargs: object) -> dict:
         ants_config._random_seed = old
 
 
+# Rigid stage: Mattes MI on 30 % of the voxels (regular grid with jitter), three levels. The full-resolution
+# level costs most (paper grid: ~0.5 s per iteration) and refines little after the half-resolution one:
+# 10 iterations there instead of 50 left the FLAIR -> T2w residual at 0.082 voxels on the paper-grid phantom
+# (benchmarks/bench_papergrid.py) at 31 s instead of 55 s CPU.
+RIGID_SCHEDULE: dict[str, object] = {
+    "aff_random_sampling_rate": 0.3,
+    "aff_iterations": (200, 100, 10),
+    "aff_shrink_factors": (4, 2, 1),
+    "aff_smoothing_sigmas": (2, 1, 0),
+}
+# Phase-encode SyN: iterations at 1/4, 1/2 and full resolution, none at a level whose voxels are finer than
+# SYN_FINEST_MM (in-plane). A full-resolution iteration costs ~6 s on the 1 mm paper grid, where the smooth
+# field (flow sigma 4 voxels) is then the upsampled 2 mm one (paper-grid phantom, bench_papergrid.py: mean
+# residual 0.31 instead of 0.27 T2w voxels, rigid alone 0.37; about a third of the time); on 2 mm grids
+# every level iterates (there the full-resolution level matters: tests/test_registration.py).
+SYN_ITERATIONS = (40, 20, 10)
+SYN_FINEST_MM = 1.5
+
+
+def syn_schedule(spacing: Sequence[float], iterations: Sequence[int] | None = None,
+                 finest_mm: float | None = None) -> tuple[int, ...]:
+    """SyN iterations per level (shrink factors 2^(n-1) ... 1, as antspyx sets them) for a fixed image of
+    voxel ``spacing`` (mm): none at levels whose in-plane voxel is finer than ``finest_mm`` (defaults:
+    :data:`SYN_ITERATIONS`, :data:`SYN_FINEST_MM`)."""
+    iterations = SYN_ITERATIONS if iterations is None else iterations
+    finest_mm = SYN_FINEST_MM if finest_mm is None else finest_mm
+    n = len(iterations)
+    fine = min(float(spacing[0]), float(spacing[1]))
+    return tuple(int(it) if fine * 2 ** (n - 1 - i) >= finest_mm else 0 for i, it in enumerate(iterations))
+
+
 def _rigid(fixed: ants.ANTsImage, moving: ants.ANTsImage, tmp: str,
            fixed_mask: ants.ANTsImage | None = None) -> str:
-    # Mattes MI on 30 % of the voxels (regular grid with jitter), 3 levels: ~2-5 s on the demo grid.
     reg = _registration(
         fixed=fixed, moving=moving, type_of_transform="Rigid",
-        aff_metric="mattes", aff_sampling=32, aff_random_sampling_rate=0.3,
-        aff_iterations=(200, 100, 50), aff_shrink_factors=(4, 2, 1),
-        aff_smoothing_sigmas=(2, 1, 0), mask=fixed_mask,
-        outprefix=os.path.join(tmp, "rigid_"),
+        aff_metric="mattes", aff_sampling=32, mask=fixed_mask,
+        outprefix=os.path.join(tmp, "rigid_"), **RIGID_SCHEDULE,
     )
     return [t for t in reg["fwdtransforms"] if t.endswith(".mat")][0]
 
@@ -247,7 +276,7 @@ def register_t1_to_t2w(
     phase_encode_stage: bool = True,
     pe_axis: int = 1,
     threads: int = 2,
-    syn_iterations: Sequence[int] = (40, 20, 10),
+    syn_iterations: Sequence[int] | None = None,
     syn_metric: str = "mattes",
     flow_sigma: float = 4.0,
     total_sigma: float = 1.0,
@@ -256,7 +285,8 @@ def register_t1_to_t2w(
     """Register the (EPI-distorted) T1 map to the T2w image.
 
     Rigid (Mattes MI), then optionally SyN restricted to the phase-encode axis ``pe_axis`` of the
-    T2w grid (restrict-deformation vector one-hot on that axis). Writes
+    T2w grid (restrict-deformation vector one-hot on that axis); ``syn_iterations`` per level, default
+    :func:`syn_schedule` of the T2w voxel size. Writes
     ``<out_prefix>_from-MRF_to-T2w_mode-image_desc-rigid_xfm.mat`` and, with the PE stage,
     ``..._desc-pewarp_xfm.nii.gz`` plus ``<out_prefix>_from-T2w_to-MRF_mode-image_desc-pewarp_xfm.nii.gz``.
     """
@@ -281,7 +311,8 @@ def register_t1_to_t2w(
                 fixed=fixed, moving=moving, type_of_transform="SyNOnly",
                 initial_transform=[os.fspath(out_rigid)],
                 syn_metric=syn_metric, syn_sampling=32,
-                reg_iterations=tuple(syn_iterations), grad_step=grad_step,
+                reg_iterations=syn_schedule(fixed.spacing) if syn_iterations is None else tuple(syn_iterations),
+                grad_step=grad_step,
                 flow_sigma=flow_sigma, total_sigma=total_sigma,
                 restrict_transformation=_restrict_vector(fixed, pe_axis),
                 outprefix=os.path.join(tmp, "pe_"),
@@ -319,6 +350,19 @@ def register_flair_to_t2w(
                               timings={"rigid": time.perf_counter() - t0})
 
 
+def uncompressed(result: RegistrationResult, folder: PathLike) -> RegistrationResult:
+    """A copy of ``result`` whose warp fields are uncompressed NIfTI files in ``folder``: the same
+    transforms (identical resampled images) without decompressing a field for every image resampled."""
+    out = RegistrationResult(rigid=result.rigid, source=result.source, timings=dict(result.timings))
+    for name in ("warp", "inverse_warp"):
+        src = getattr(result, name)
+        if src is not None:
+            dst = Path(folder) / (Path(src).name.removesuffix(".gz"))
+            nib.save(nib.load(os.fspath(src)), os.fspath(dst))
+            setattr(out, name, dst)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Application
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +376,16 @@ def _apply_volume(fixed: ants.ANTsImage, vol: np.ndarray, affine: np.ndarray, tr
     return out.numpy()
 
 
+def resample_volumes(data: np.ndarray, affine: np.ndarray, transforms: list[str], shape: tuple[int, ...],
+                     reference_affine: np.ndarray, interpolator: str, threads: int = 1) -> np.ndarray:
+    """The volumes ``data[..., i]`` of a 4D array (RAS ``affine``) resampled onto the grid ``shape`` /
+    ``reference_affine`` with an ANTs transform list; stacked on the last axis (float32)."""
+    set_threads(threads)
+    fixed = nib_to_ants(np.zeros(shape[:3], dtype=np.float32), reference_affine)
+    return np.stack([_apply_volume(fixed, data[..., i], affine, transforms, interpolator)
+                     for i in range(data.shape[3])], axis=-1)
+
+
 def apply_to_t2w(
     moving_path: ImageLike,
     result: RegistrationResult,
@@ -341,14 +395,18 @@ def apply_to_t2w(
     rigid_only: bool = False,
     clip_negative: bool | None = None,
     threads: int = 2,
+    pool: Executor | None = None,
+    chunk: int = 3,
 ) -> np.ndarray:
     """Resample a moving-space 3D map or 4D series (per volume) onto the T2w grid.
 
     ``interpolation``: "bSpline" (continuous maps, default), "linear", "nearest", "genericLabel",
     "lanczos". ``rigid_only`` applies the rigid part only (the MRF series, as in the method).
     ``clip_negative`` (default: on when the input is non-negative) removes B-spline overshoot below 0
-    (T1, T2*, M0, B1 are all >= 0). Returns the resampled array and writes it to ``out_path`` (float32,
-    T2w header) when given.
+    (T1, T2*, M0, B1 are all >= 0). ``pool``: a process pool that shares the volumes of a 4D series
+    (in chunks of ``chunk``; this process takes the chunks the pool has not started, from the end), each
+    volume resampled alike wherever it runs. Returns the resampled array and writes it to ``out_path``
+    (float32, T2w header) when given.
     """
     set_threads(threads)
     interp = _INTERPOLATORS.get(interpolation.lower().replace("_", ""), interpolation)
@@ -362,9 +420,21 @@ def apply_to_t2w(
     data = np.nan_to_num(data)
     if data.ndim == 3:
         out = _apply_volume(fixed, data, mimg.affine, transforms, interp)
-    elif data.ndim == 4:
+    elif data.ndim == 4 and pool is None:
         out = np.stack([_apply_volume(fixed, data[..., i], mimg.affine, transforms, interp)
                         for i in range(data.shape[3])], axis=-1)
+    elif data.ndim == 4:
+        starts = range(0, data.shape[3], max(int(chunk), 1))
+        pending = [pool.submit(resample_volumes, np.ascontiguousarray(data[..., i : i + chunk]), mimg.affine,
+                               transforms, ref.shape, ref.affine, interp, threads) for i in starts]
+        parts: dict[int, np.ndarray] = {}
+        for j in reversed(range(len(pending))):
+            if not pending[j].cancel():
+                break
+            i = starts[j]
+            parts[j] = resample_volumes(data[..., i : i + chunk], mimg.affine, transforms, ref.shape, ref.affine,
+                                        interp, threads)
+        out = np.concatenate([parts[j] if j in parts else f.result() for j, f in enumerate(pending)], axis=-1)
     else:
         raise ValueError(f"expected a 3D or 4D image, got shape {data.shape}")
     if clip_negative:

@@ -113,3 +113,29 @@ def subvoxel_offsets(supersample: tuple[int, int, int]) -> np.ndarray:
     axes = [(np.arange(s) + 0.5) / s - 0.5 for s in supersample]
     g = np.meshgrid(*axes, indexing="ij")
     return np.stack([x.ravel() for x in g], axis=-1)
+
+
+def undo_displacement(
+    target: np.ndarray,
+    displacement: np.ndarray,
+    displacement_affine: np.ndarray,
+    axis: int = 1,
+    tol_mm: float = 1e-6,
+    max_iter: int = 100,
+) -> np.ndarray:
+    """World points p with p + d(p) e_axis = ``target`` (..., 3), by fixed-point iteration: the points
+    of a distorted image (``displacement``: a scalar field in mm on the grid of ``displacement_affine``,
+    linearly interpolated) that land on ``target``. Converges for |dd/dy| < 1 (a smooth EPI field)."""
+    from scipy import ndimage
+
+    ainv = np.linalg.inv(displacement_affine)
+    p = np.array(target, dtype=float, copy=True)
+    for _ in range(int(max_iter)):
+        vox = p @ ainv[:3, :3].T + ainv[:3, 3]
+        new = np.array(target, dtype=float, copy=True)
+        new[..., axis] -= ndimage.map_coordinates(displacement, np.moveaxis(vox, -1, 0), order=1, mode="nearest")
+        done = np.abs(new - p).max() < tol_mm
+        p = new
+        if done:
+            break
+    return p
