@@ -1,4 +1,4 @@
-"""Digital phantom (DESIGN.md section 4): layout, BIDS validity, determinism, truth consistency."""
+"""Digital phantom (docs/phantom.md): layout, BIDS validity, determinism, truth consistency."""
 
 from __future__ import annotations
 

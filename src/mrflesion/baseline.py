@@ -8,8 +8,8 @@ grid (120 x 120 x 20) and is deterministic.
 
 Why this model
 --------------
-MS lesions have T1 and T2* raised by 30-80 % over the normal-appearing white matter (DESIGN.md
-section 4), so, relative to the subject's own white matter, a lesion is a one-sided outlier in both
+MS lesions have T1 and T2* raised by 30-80 % over the normal-appearing white matter (docs/phantom.md),
+so, relative to the subject's own white matter, a lesion is a one-sided outlier in both
 log T1 and log T2*. Three things make "outlier in WM" harder than it sounds, and each has a term:
 
 * Lesion T1/T2* overlap grey matter's, and the tissue EM labels lesion voxels GM (on the demo the
@@ -44,7 +44,7 @@ The probability, per voxel with finite positive T1 and T2* inside ``brain``::
            * expit((max_log_rise - max(a, b)) / gate_width)  not CSF partial volume
            * [csf < csf_max] * [distance to csf > 0.5 > csf_margin_mm] * [in WM territory]
 
-and 0 elsewhere. With the defaults, the 33 % threshold of DESIGN.md section 5 means "both z >= 3.3
+and 0 elsewhere. With the defaults, the 33 % threshold of docs/evaluation.md means "both z >= 3.3
 and the gates open", i.e. the probability is the logistic of a z distance with a documented centre
 and slope, so thresholds are comparable with the networks' outputs.
 
@@ -66,7 +66,7 @@ subjects sub-04 and sub-06 were not used to choose them):
 ``slice_axis``         None        axis of the 2D hole filling; None: the axis with the largest voxel
 =====================  ==========  =================================================================
 
-No small-component removal is applied: the map stays a probability (the threshold sweep of DESIGN.md
+No small-component removal is applied: the map stays a probability (the threshold sweep of docs/evaluation.md
 section 5 sees it unaltered), and the lesion-wise evaluation already drops components < 0.01 ml.
 
 Known limits (on the demo phantom): juxtacortical lesions are missed (not enclosed by WM); deep grey

@@ -1,4 +1,4 @@
-"""Rule bodies of inference, per-subject evaluation and the group tables (DESIGN.md section 5).
+"""Rule bodies of inference, per-subject evaluation and the group tables (docs/evaluation.md).
 
 * ``evaluate_subject``, one job per subject: first every trained network applied to the subject
   (:func:`apply_networks`; outputs in T2w space, physical units, with sidecars; :func:`output_files`
@@ -168,7 +168,7 @@ def _load(path: str | Path) -> tuple[np.ndarray, Any]:
 def lesion_metrics(prob: np.ndarray, ref: np.ndarray, brain: np.ndarray, zooms: Sequence[float],
                    threshold: float, min_lesion_ml: float = 0.0,
                    sweep: bool = True) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame | None]:
-    """Every lesion metric of DESIGN.md section 5 for one probability map: metrics, the threshold
+    """Every lesion metric of docs/evaluation.md for one probability map: metrics, the threshold
     sweep (threshold, dice, ldr) and the per-lesion table (rule A). The binary mask is
     ``prob >= threshold`` without its components smaller than ``min_lesion_ml``
     (:func:`mrflesion.evaluate.lesion_mask`). ``sweep=False`` skips the threshold sweep (it does not
@@ -232,7 +232,7 @@ REFERENCE_ONLY_METRICS = frozenset({"lesion_ref_ml", "lw_n_ref"} | {f"lw_n_G{i}"
 
 
 #: A voxel is pure tissue when one tissue class (WM incl. lesion, GM, the rest) holds at least this
-#: fraction of it: a partial-volume voxel has no single true T1/T2* (DESIGN.md section 4), so accuracy
+#: fraction of it: a partial-volume voxel has no single true T1/T2* (docs/phantom.md), so accuracy
 #: against the phantom's truth maps is also given over pure voxels (``*_mrd_pure``).
 PURE_TISSUE_FRACTION = 0.9
 

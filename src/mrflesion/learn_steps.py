@@ -4,7 +4,7 @@ Each ``smk`` function reads ``snakemake.input/output/params`` and calls a plain 
 module (usable without Snakemake); scripts/splits.py and scripts/train.py run them through
 ``mrflesion.steps.main(snakemake, "<name>", learn_steps)`` for logging and error handling.
 
-Splits (DESIGN.md section 1): by participant, per site. The paper's counts (test = 2 site-1 + 3 site-2
+Splits (docs/method.md): by participant, per site. The paper's counts (test = 2 site-1 + 3 site-2
 patients, validation the same) are for 48 subjects; for a smaller cohort each count is scaled by
 ``n_participants / reference_subjects`` and rounded, keeping at least one test and one validation
 patient per site where the site has patients to spare (:func:`scaled_counts`,
@@ -41,7 +41,7 @@ import pandas as pd
 
 from .io import write_json, write_text
 
-#: Paper cohort size the default split counts refer to (DESIGN.md section 1).
+#: Paper cohort size the default split counts refer to (docs/method.md).
 PAPER_SUBJECTS = 48
 
 #: Training images of one subject (T2w space) relative to ``output_dir``; ``{stem}`` as in the workflow.

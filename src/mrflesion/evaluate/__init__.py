@@ -1,4 +1,4 @@
-"""Evaluation: voxel-wise metrics, lesion-wise rules and group tables (DESIGN §5)."""
+"""Evaluation: voxel-wise metrics, lesion-wise rules and group tables (docs/evaluation.md)."""
 
 from .lesionwise import (
     MIN_LESION_ML,

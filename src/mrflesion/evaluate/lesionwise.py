@@ -1,4 +1,4 @@
-"""Lesion-wise evaluation (DESIGN §5): rule A (seed 002), the MSSEG detection rule, volume groups.
+"""Lesion-wise evaluation (docs/evaluation.md): rule A (seed 002), the MSSEG detection rule, volume groups.
 
 Rule A — ``lesionwise_metrics`` / ``lesion_table``
     Lesions are the 26-connected components of each binary map; both maps are first cleaned of

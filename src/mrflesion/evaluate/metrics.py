@@ -1,4 +1,4 @@
-"""Voxel-wise evaluation metrics (DESIGN §5).
+"""Voxel-wise evaluation metrics (docs/evaluation.md).
 
 Conventions (shared by every overlap measure here):
 
@@ -18,7 +18,7 @@ Conventions (shared by every overlap measure here):
 - Connectivity is given as the number of neighbours: 6 / 18 / 26 in 3D (4 / 8 in 2D).
 - Volumes: functions that need millilitres take ``voxel_ml`` (see ``voxel_volume_ml``).
 
-Reviewer-grade measures (MSSEG-2016/2021, WMH 2017, Shifts; DESIGN §5):
+Reviewer-grade measures (MSSEG-2016/2021, WMH 2017, Shifts; docs/evaluation.md):
 
 - ``normalised_dice`` (nDSC; Raina et al. 2023, the Shifts 2022 MS-lesion metric): Dice with the false
   positives rescaled to a fixed reference lesion load ``r`` (0.001 as in Shifts):

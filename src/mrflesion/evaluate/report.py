@@ -1,4 +1,4 @@
-"""Self-contained HTML reports: one per subject and one for the cohort (DESIGN §5).
+"""Self-contained HTML reports: one per subject and one for the cohort (docs/evaluation.md).
 
 Every report is a single HTML file: the figures are PNGs rendered with matplotlib's Agg canvas
 (``matplotlib.figure.Figure``, never pyplot, so no figure is left registered anywhere) and embedded as

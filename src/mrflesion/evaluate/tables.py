@@ -1,4 +1,4 @@
-"""Group statistics of per-subject metrics (DESIGN §5: per-site tables and tests).
+"""Group statistics of per-subject metrics (docs/evaluation.md: per-site tables and tests).
 
 Input everywhere: a long DataFrame with columns ``subject, site, network, metric, value`` (one row
 per subject × network × metric; extra columns are ignored).

@@ -36,7 +36,7 @@ centred on a lesion voxel, with a uniform jitter of up to a quarter of the patch
 direction; the rest are the random patches above. The lesion voxel is drawn with weight
 1 / (voxels of its 3D lesion), so every lesion is drawn equally often whatever its size (small lesions
 are the hard ones). On the demo, lesion voxels are well under 1 % of a random patch: without this the
-lesion channel sees too few positives to learn (DESIGN.md section 7).
+lesion channel sees too few positives to learn (docs/lesion-training.md).
 
 **Augmentation** (:func:`augment_batch`, training only, seeded by (seed, epoch, batch)): per patch a
 random flip of each in-plane axis, a rotation by up to ``rotate_deg`` (bilinear, zero outside),

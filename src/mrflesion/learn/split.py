@@ -34,7 +34,7 @@ def split_subjects(
     control_values: Sequence[str] = CONTROL_VALUES,
     min_train_per_site: int = 1,
 ) -> dict[str, list[str]]:
-    """Subject-level train/val/test split (DESIGN.md section 1).
+    """Subject-level train/val/test split (docs/method.md).
 
     Per site, the patients are shuffled (``seed``) and the first ``n_test`` go to test, the next ``n_val``
     to validation, the rest to training; controls (``group`` in ``control_values``, case-insensitive)

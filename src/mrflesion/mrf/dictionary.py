@@ -1,6 +1,6 @@
 """MRF dictionary: simulated, L2-normalised atoms on a (T1, T2*, B1) grid, one set per slice position.
 
-Grid (DESIGN.md section 2): T1 300-3500 ms and T2* 10-2500 ms in geometric steps of at most 5 %
+Grid (docs/sequence-model.md): T1 300-3500 ms and T2* 10-2500 ms in geometric steps of at most 5 %
 (both endpoints included: ``n = ceil(log(hi/lo) / log(1 + step))`` intervals of equal ratio, i.e.
 4.93 % for T1 and 4.92 % for T2*), B1 0.6-1.4 in steps of 0.1, atoms with T2* > T1 dropped:
 52 x 115 x 9 candidates, 44,883 atoms.

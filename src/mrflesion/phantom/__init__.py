@@ -1,4 +1,4 @@
-"""Digital phantom: a multi-site MRF-EPI MS cohort as BIDS raw data plus ground truth (DESIGN.md section 4).
+"""Digital phantom: a multi-site MRF-EPI MS cohort as BIDS raw data plus ground truth (docs/phantom.md).
 
 Public API: :data:`GRIDS`, :func:`cohort_table`, :func:`generate` and the command line :func:`main`
 (``mrflesion phantom OUT --subjects N --sites S --seed K [--grid demo|paper] [--longitudinal] [--jobs J]``).
