@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: what building the wheel reads besides the workflow (setup.py, pyproject.toml)
+BUILD_FILES = ["pyproject.toml", "setup.py", "README.md", "src"]
+
+
+def workflow_entries() -> list[str]:
+    """The workflow's top-level files and directories that the wheel ships (pyproject.toml [tool.mrflesion])."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mrflesion"]["workflow"]
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
     mrflesion BIDS_DIR OUTPUT_DIR participant|group [--participant-label L ...] [--models DIR] [snakemake options]
     mrflesion phantom OUT --subjects N --sites S --seed K [--grid demo|paper] [--longitudinal]
 
-The first form runs the repository's Snakefile with the repository's config.yaml, overridden by
-the paths and labels given here (written to a small config file in the work directory), and passes
-every option it does not know on to snakemake (``--cores 8``, ``-n``, ``--profile profiles/slurm``...).
+The first form runs the workflow's Snakefile with its config.yaml (those of the source checkout, or
+the copy an installed wheel ships: :func:`mrflesion.paths.workflow_root`), overridden by the paths and
+labels given here (written to a small config file in the work directory), and passes
+every option it does not know on to snakemake (``--cores 8``, ``-n``, ``--profile slurm``...; a
+``--profile`` that names no directory here is one of the workflow's ``profiles/``: ``local``, ``slurm``).
 ``--models DIR`` is apply mode (config ``models``): the trained networks of DIR (a previous run's
 ``models/``) are applied, nothing is trained (:mod:`mrflesion.model_card`).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .workflow import repo_root
+from .paths import workflow_root
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-participant-label", nargs="+", default=[], metavar="LABEL")
     p.add_argument("--session-label", nargs="+", default=[], metavar="LABEL")
     p.add_argument("-w", "--work-dir", type=Path, help="intermediate files (default: ./mrflesion_work)")
-    p.add_argument("--config-file", type=Path, help="a config.yaml to use instead of the repository's")
+    p.add_argument("--config-file", type=Path, help="a config.yaml to use instead of the workflow's own")
     p.add_argument("--models", type=Path, metavar="DIR",
                    help="apply mode: trained networks (a previous run's models/ directory: models.json and "
                         "<network>/best.pt, model_card.json); nothing is trained")
@@ -67,7 +69,7 @@ def build_command(argv: list[str]) -> tuple[list[str], Path]:
         raise SystemExit("mrflesion: OUTPUT_DIR must not be the input dataset's root")
     work_dir = (args.work_dir or Path.cwd() / "mrflesion_work").resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    root = repo_root()
+    root = workflow_root()
     overrides = {
         "bids_dir": str(bids_dir),
         "output_dir": str(output_dir),
@@ -92,8 +94,29 @@ def build_command(argv: list[str]) -> tuple[list[str], Path]:
     ]
     if not any(a == "--profile" or a.startswith("--profile=") for a in extra):
         cmd += ["--profile", str(root / "profiles" / "local")]
-    cmd += extra
+    cmd += _resolve_profile(extra, root)
     return cmd, work_dir
+
+
+def _resolve_profile(extra: list[str], root: Path) -> list[str]:
+    """``--profile P`` as snakemake will find it from the work directory: a directory P here (absolute),
+    else the workflow's ``profiles/P`` (``slurm`` or ``profiles/slurm``, also from an installed wheel)."""
+
+    def resolve(value: str) -> str:
+        shipped = root / "profiles" / Path(value).name
+        if Path(value).is_dir():
+            return str(Path(value).resolve())
+        if shipped.is_dir() and Path(value) in (Path(shipped.name), Path("profiles", shipped.name)):
+            return str(shipped)
+        return value
+
+    out = list(extra)
+    for i, arg in enumerate(out):
+        if arg.startswith("--profile="):
+            out[i] = "--profile=" + resolve(arg.partition("=")[2])
+        elif arg == "--profile" and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

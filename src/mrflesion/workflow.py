@@ -13,10 +13,10 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .bids import Discovery, InputProblem, SubjectInputs, discover, expected_inputs
+from .paths import workflow_root
 
 STEM_REGEX = r"sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?/anat/sub-[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?"
 
@@ -212,6 +212,6 @@ def version_info() -> dict[str, str]:
     return out
 
 
-def repo_root() -> Path:
-    """The workflow's root (holds the Snakefile), for source checkouts and editable installs."""
-    return Path(__file__).resolve().parents[2]
+#: the workflow's root (the checkout or the packaged copy): the old name of :func:`mrflesion.paths.workflow_root`,
+#: still imported by evaluate_steps.provenance; new code imports workflow_root
+repo_root = workflow_root

@@ -34,8 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-RESOURCES = Path(__file__).resolve().parents[3] / "resources"
-DEFAULT_SEQUENCE_FILE = RESOURCES / "mrfepi.yaml"
+from ..paths import workflow_root
 
 # Event kinds in an event table.
 READOUT = 0  # excitation followed by a readout at TE
@@ -270,7 +269,7 @@ class Protocol:
 
         ``multiband`` > 1: SMS groups of :func:`sms_groups`; the volume TR shrinks with the slot count.
         """
-        cfg = yaml.safe_load(Path(sequence_file or DEFAULT_SEQUENCE_FILE).read_text())
+        cfg = yaml.safe_load(Path(sequence_file or workflow_root() / "resources" / "mrfepi.yaml").read_text())
         fa = [float(x) for x in cfg["flip_angle_deg"]]
         te = [float(cfg["echo_time_base_ms"]) + float(x) for x in cfg["echo_time_offset_ms"]]
         if cfg.get("slice_order", "interleaved-even-first") != "interleaved-even-first":

@@ -8,8 +8,7 @@ from typing import Any
 
 import yaml
 
-RESOURCES = Path(__file__).resolve().parents[3] / "resources"
-DEFAULT_CONFIG_FILE = RESOURCES / "phantom.yaml"
+from ..paths import workflow_root
 
 
 @lru_cache(maxsize=4)
@@ -19,7 +18,7 @@ def _load(path: str) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
     """The phantom configuration (cached; treat it as read-only)."""
-    return _load(str(Path(path or DEFAULT_CONFIG_FILE).resolve()))
+    return _load(str(Path(path or workflow_root() / "resources" / "phantom.yaml").resolve()))
 
 
 def _grids() -> dict[str, dict[str, Any]]:
