@@ -7,7 +7,9 @@ from snakemake.common import overwrite_function_params
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from mrflesion.workflow import STEM_REGEX, failure_record_path, make_plan
+from mrflesion.layout import COHORT, GROUP_EVALUATION, MODELS, STEM_REGEX, WORK as WORK_FILES
+from mrflesion.layout import derivative, derivatives, file, files
+from mrflesion.workflow import failure_record_path, make_plan
 
 PLAN = make_plan(config)
 OUT = config["output_dir"].rstrip("/")

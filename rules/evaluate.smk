@@ -15,10 +15,12 @@ rule evaluate_subject:
         **EVAL.subject_outputs("{stem}"),
     params:
         info=planned(lambda wc: EVAL.evaluate_params(wc.stem)),
-        inference=config["inference"],
-        cfg=config["evaluation"],
+        # what changes a subject's results: the inference device (and threads) and the run's configuration
+        # (provenance) are read by the rule body from snakemake.config, so changing them reruns nothing
+        # (tests/test_rerun_settings.py); evaluation.summary_splits is the group job's
+        inference={k: v for k, v in config["inference"].items() if k not in ("device", "threads")},
+        cfg={k: config["evaluation"][k] for k in ("threshold", "tissue_threshold")},
         lesion_table=config["lesion_table"],
-        config=config,
     threads: int(config["inference"]["threads"])
     resources:
         mem_mb=mem_per_attempt(3000),
@@ -32,22 +34,15 @@ rule evaluate_subject:
 
 rule group_evaluation:
     input:
-        inputs=f"{OUT}/group/inputs.tsv",
+        inputs=file(COHORT, "inputs", OUT),
         # the split (none in apply mode: every subject is new to the networks)
-        **({} if APPLY else {"splits": f"{OUT}/group/splits.tsv"}),
+        **({} if APPLY else {"splits": file(COHORT, "splits", OUT)}),
         # one output per subject's evaluation job (its metrics and curves tables, written by the same
         # job, are params: fewer declared files keep planning a large cohort fast)
         json=[EVAL.subject_outputs(s)["json"] for s in EVAL.stems],
     output:
-        metrics=f"{OUT}/group/metrics.tsv",
-        summary=f"{OUT}/group/summary_sites.tsv",
-        site_tests=f"{OUT}/group/tests_sites.tsv",
-        network_tests=f"{OUT}/group/tests_networks.tsv",
-        failed=f"{OUT}/group/failed.tsv",
-        times=f"{OUT}/group/times.tsv",
-        lesions=f"{OUT}/group/lesions.tsv",
-        lesion_sites=f"{OUT}/group/lesions_sites.tsv",
-        report=f"{OUT}/group/report.html",
+        # metrics, summary, site_tests, network_tests, failed, times, lesions, lesion_sites, report
+        **files(GROUP_EVALUATION, OUT),
     params:
         metrics=[EVAL.subject_outputs(s)["metrics"] for s in EVAL.stems],
         curves=[EVAL.subject_outputs(s)["curves"] for s in EVAL.stems],
@@ -55,7 +50,8 @@ rule group_evaluation:
         splits=EVAL.summary_splits(),
         networks=list(EVAL.networks),
         refused=EVAL.refused_rows(),
-        config=config,
+        # the threshold the report names (the run's configuration, provenance: snakemake.config)
+        threshold=config["evaluation"]["threshold"],
     log:
         f"{WORK}/logs/group_evaluation.log",
     conda:

@@ -3,7 +3,7 @@
 
 rule dataset_description:
     output:
-        f"{OUT}/dataset_description.json",
+        file(COHORT, "description", OUT),
     params:
         bids_dir=PLAN.bids_dir,
     log:
@@ -16,20 +16,20 @@ rule dataset_description:
 
 rule participant:
     input:
-        f"{OUT}/dataset_description.json",
-        expand(f"{WORK}/inputs/{{stem}}_inputs.json", stem=STEMS),
-        expand(f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz", stem=STEMS),
-        expand(f"{OUT}/{{stem}}_acq-MRFEPI_space-T2w_MRF.nii.gz", stem=STEMS),
-        expand(f"{OUT}/{{stem}}_space-T2w_label-NAWM_probseg.nii.gz", stem=STEMS),
+        file(COHORT, "description", OUT),
+        expand(file(WORK_FILES, "inputs", WORK), stem=STEMS),
+        expand(derivative("qmri", "T1", OUT), stem=STEMS),
+        expand(derivative("register", "MRF", OUT), stem=STEMS),
+        expand(derivative("tissue", "NAWM", OUT), stem=STEMS),
         # apply mode: the trained networks applied, each subject's evaluation, per-lesion table and report
         [EVAL.subject_outputs(s)["report"] for s in EVAL.stems] if APPLY else [],
 
 
 rule group_inputs:
     input:
-        checks=expand(f"{WORK}/inputs/{{stem}}_inputs.json", stem=STEMS),
+        checks=expand(file(WORK_FILES, "inputs", WORK), stem=STEMS),
     output:
-        f"{OUT}/group/inputs.tsv",
+        file(COHORT, "inputs", OUT),
     params:
         subjects=[PLAN.subjects[s] for s in STEMS],
         problems=PLAN.problems,
@@ -43,7 +43,7 @@ rule group_inputs:
 
 rule group:
     input:
-        f"{OUT}/dataset_description.json",
-        f"{OUT}/group/inputs.tsv",
+        file(COHORT, "description", OUT),
+        file(COHORT, "inputs", OUT),
         # apply mode: the cohort's per-site tables (metrics, per-lesion) and the group report
         rules.group_evaluation.output if APPLY else [],

@@ -8,14 +8,14 @@ rule check_inputs:
         # every MRF sidecar that applies (BIDS inheritance: dataset, subject, session level, beside the series)
         sidecars=planned(lambda wc: list(PLAN.subjects[wc.stem].sidecar_layers)),
     output:
-        f"{WORK}/inputs/{{stem}}_inputs.json",
+        file(WORK_FILES, "inputs", WORK),
     params:
         key=planned(lambda wc: PLAN.subjects[wc.stem].key),
         n_measurements=config["mrf_measurements"],
         stated=stated_timing(config),
         record=planned(lambda wc: failure_record_path(WORK, wc.stem)),
     benchmark:
-        f"{WORK}/benchmarks/check_inputs/{{stem}}.tsv",
+        file(WORK_FILES, "benchmark", WORK, step="check_inputs"),
     log:
         f"{WORK}/logs/check_inputs/{{stem}}.log",
     conda:

@@ -4,7 +4,7 @@
 
 rule dictionary:
     output:
-        f"{WORK}/dictionaries/mrfdict_{{timing}}.npz",
+        file(WORK_FILES, "dictionary", WORK),
     params:
         sidecar=planned(lambda wc: PLAN.protocols[wc.timing]),
         cfg=config["dictionary"],
@@ -23,25 +23,21 @@ rule qmri:
     input:
         unpack(planned(lambda wc: {"mrf": PLAN.subjects[wc.stem].files["mrf"],
                                    "sidecar": PLAN.subjects[wc.stem].sidecar,
-                                   "dictionary": f"{WORK}/dictionaries/mrfdict_{PLAN.timing[wc.stem]}.npz"})),
-        checked=f"{WORK}/inputs/{{stem}}_inputs.json",
+                                   "dictionary": file(WORK_FILES, "dictionary", WORK, timing=PLAN.timing[wc.stem])})),
+        checked=file(WORK_FILES, "inputs", WORK),
     output:
-        mask=f"{OUT}/{{stem}}_acq-MRFEPI_desc-brain_mask.nii.gz",
-        denoised=f"{OUT}/{{stem}}_acq-MRFEPI_desc-denoised_MRF.nii.gz",
-        sigma=f"{OUT}/{{stem}}_acq-MRFEPI_desc-mppca_noisemap.nii.gz",
-        T1=f"{OUT}/{{stem}}_acq-MRFEPI_T1map.nii.gz",
-        T2star=f"{OUT}/{{stem}}_acq-MRFEPI_T2starmap.nii.gz",
-        B1=f"{OUT}/{{stem}}_acq-MRFEPI_TB1map.nii.gz",
-        M0=f"{OUT}/{{stem}}_acq-MRFEPI_M0map.nii.gz",
-        quality=f"{OUT}/{{stem}}_acq-MRFEPI_desc-match_quality.nii.gz",
+        # mask, denoised, sigma, T1, T2star, B1, M0, quality (mrflesion.layout.DERIVATIVES["qmri"])
+        **derivatives("qmri", OUT),
     params:
-        denoise=config["denoise"],
-        matching=config["matching"],
+        # what changes results: the devices and the matching block size are read by the rule body from
+        # snakemake.config, so changing them reruns nothing (tests/test_rerun_settings.py)
+        denoise={k: v for k, v in config["denoise"].items() if k != "device"},
+        matching={k: v for k, v in config["matching"].items() if k not in ("device", "block_voxels")},
     threads: 2
     resources:
         mem_mb=mem_per_attempt(6000),
     benchmark:
-        f"{WORK}/benchmarks/qmri/{{stem}}.tsv",
+        file(WORK_FILES, "benchmark", WORK, step="qmri"),
     log:
         f"{WORK}/logs/qmri/{{stem}}.log",
     conda:

@@ -24,6 +24,7 @@ if APPLY:
         print(f"mrflesion: no inference for {_line}", file=sys.stderr)
 else:
     TRAINING = TrainingPlan(PLAN, config, OUT)
+_MODELS = file(COHORT, "models", OUT)  # the trained networks (mrflesion.layout.MODELS)
 
 
 
@@ -35,7 +36,7 @@ if not APPLY:
 
     rule splits:
         output:
-            f"{OUT}/group/splits.tsv",
+            file(COHORT, "splits", OUT),
         params:
             rows=TRAINING.rows,
             cfg=TRAINING.cfg["split"],
@@ -71,18 +72,24 @@ if not APPLY:
 
     rule train_network:
         input:
-            splits=f"{OUT}/group/splits.tsv",
+            splits=file(COHORT, "splits", OUT),
             training_set=TRAINING.training_set_record(WORK),
         output:
-            best=f"{OUT}/models/{{network}}/best.pt",
-            history=f"{OUT}/models/{{network}}/history.tsv",
-            sidecar=f"{OUT}/models/{{network}}/best.json",
+            best=file(MODELS, "best", _MODELS),
+            history=file(MODELS, "history", _MODELS),
+            sidecar=file(MODELS, "sidecar", _MODELS),
         params:
             spec=planned(lambda wc: TRAINING.networks[wc.network]),
-            cfg=TRAINING.train_cfg,
+            # what changes results: the device (read by the rule body from snakemake.config; best.json
+            # records the one used), memory and runtime rerun nothing (tests/test_rerun_settings.py)
+            cfg={k: v for k, v in TRAINING.train_cfg.items() if k != "device"},
+            # the thread count changes results: CPU training is deterministic for a given count, not across
+            # counts (torch splits reductions by thread; a few epochs on 1 and 2 threads end with different
+            # weights), so a new training.threads retrains
+            threads=int(TRAINING.cfg["threads"]),
             train_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "train")),
             val_subjects=planned(lambda wc: TRAINING.subjects(wc.network, "val")),
-            state_dir=planned(lambda wc: f"{WORK}/train/{wc.network}"),
+            state_dir=planned(lambda wc: file(WORK_FILES, "train_state", WORK, network=wc.network)),
         threads: int(TRAINING.cfg["threads"])
         resources:
             mem_mb=int(TRAINING.cfg["mem_mb"]),
@@ -97,16 +104,16 @@ if not APPLY:
 
     rule model_record:
         input:
-            best=expand(f"{OUT}/models/{{network}}/best.pt", network=list(TRAINING.networks)),
-            history=expand(f"{OUT}/models/{{network}}/history.tsv", network=list(TRAINING.networks)),
-            sidecar=expand(f"{OUT}/models/{{network}}/best.json", network=list(TRAINING.networks)),
+            **{k: expand(file(MODELS, k, _MODELS), network=list(TRAINING.networks))
+               for k in ("best", "history", "sidecar")},
         output:
-            record=f"{OUT}/models/models.json",
-            cards=expand(f"{OUT}/models/{{network}}/model_card.json", network=list(TRAINING.networks)),
+            record=file(MODELS, "record", _MODELS),
+            cards=expand(file(MODELS, "card", _MODELS), network=list(TRAINING.networks)),
         params:
             networks=list(TRAINING.networks),
-            # the model cards' training cohort, MRF schedules and configuration hash (mrflesion.model_card)
-            card=TRAINING.card_info(config),
+            # the model cards' training cohort and MRF schedules (mrflesion.model_card; the configuration's
+            # hash is the rule body's, from snakemake.config: a param would rerun on any setting)
+            card=TRAINING.card_info(),
             # the classical baseline's threshold is chosen on the validation subjects too (their chains
             # are finished: the training jobs depend on the training set record)
             baseline=TRAINING.baseline_validation(),
@@ -120,5 +127,5 @@ if not APPLY:
 
     rule train:
         input:
-            f"{OUT}/group/splits.tsv",
-            f"{OUT}/models/models.json",
+            file(COHORT, "splits", OUT),
+            file(MODELS, "record", _MODELS),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import nibabel as nib
@@ -203,7 +202,8 @@ def test_threshold_sweep_empty_reference():
     assert out["dice"].tolist() == [0.0, 1.0]  # prediction non-empty at 0.5, empty at 2.0
 
 
-def test_threshold_sweep_is_fast_on_paper_grid():
+def test_threshold_sweep_on_paper_grid_has_99_thresholds():
+    # its time: benchmarks/bench_evaluation.py
     rng = np.random.default_rng(3)
     shape = (240, 240, 47)
     prob = rng.random(shape, dtype=np.float32)
@@ -211,11 +211,8 @@ def test_threshold_sweep_is_fast_on_paper_grid():
     centres = rng.integers((10, 10, 3), (230, 230, 44), size=(30, 3))
     for c in centres:
         ref[c[0] - 3 : c[0] + 3, c[1] - 3 : c[1] + 3, c[2] - 1 : c[2] + 2] = True
-    t0 = time.perf_counter()
     out = m.threshold_sweep(prob, ref)
-    elapsed = time.perf_counter() - t0
     assert len(out) == 99
-    assert elapsed < 10.0, elapsed  # ~1 s on a shared 2-core box
 
 
 # ----------------------------------------------------------------------------- relative deviation

@@ -150,7 +150,8 @@ def test_group_evaluation_writes_every_table(tmp_path, splits) -> None:
         input=SimpleNamespace(inputs=str(tmp_path / "inputs.tsv"), json=[str(f["json"]) for f in files]),
         output=SimpleNamespace(**out),
         params=SimpleNamespace(metrics=[str(f["metrics"]) for f in files], curves=[str(f["curves"]) for f in files],
-                               quant=[], networks=["A", "B"], splits=splits, config={"a": 1}))
+                               quant=[], networks=["A", "B"], splits=splits, threshold=0.33),
+        config={"a": 1})
     ev.group_evaluation(smk)
     failed = pd.read_csv(out["failed"], sep="\t")
     assert list(failed.subject) == ["sub-09"] and "missing t2w" in failed.reason[0]

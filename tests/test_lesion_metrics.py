@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -442,18 +441,13 @@ def test_lesion_metrics_new_keys_empty_cases():
     assert [out[f"lw_det_G{i}"] for i in range(1, 6)] == [0.0] * 5
 
 
-def test_lesion_metrics_is_fast_on_a_subject_grid():
+def test_lesion_metrics_on_a_subject_grid():
+    # its time: benchmarks/bench_evaluation.py
     rng = np.random.default_rng(7)
     shape = (120, 120, 20)
     brain = box(shape, slice(10, 110), slice(10, 110), slice(2, 18))
     ref = (random_mask(rng, shape, p=0.02, sigma=1.5) & brain).astype(np.float32)
     prob = (np.clip(ndimage.gaussian_filter(ref + 0.3 * rng.random(shape), 1.0), 0, 1) * brain).astype(np.float32)
     zooms = (1.5, 1.5, 5.0)
-    lesion_metrics(prob, ref, brain, zooms, 0.33)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        out, _, _ = lesion_metrics(prob, ref, brain, zooms, 0.33)
-        best = min(best, time.perf_counter() - t0)
+    out, _, _ = lesion_metrics(prob, ref, brain, zooms, 0.33)
     assert out["lw_n_ref"] > 50 and math.isfinite(out["lesion_hd95"])
-    assert best < 1.5, best  # ~0.2 s on a shared 2-core box, most of it the threshold sweep

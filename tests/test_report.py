@@ -8,7 +8,6 @@ import io
 import math
 import re
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -322,12 +321,10 @@ def test_figures_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []
 
 
-def test_render_speed_and_size() -> None:
+def test_render_size_on_a_subject_grid() -> None:
+    # its time: benchmarks/bench_evaluation.py
     r = make_subject(shape=(120, 120, 20))
-    t0 = time.perf_counter()
     page = render_subject_report(r)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 20, elapsed  # ~1-2 s on an idle core; generous for shared CI machines
     assert len(page) < 3_000_000
 
 

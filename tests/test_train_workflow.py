@@ -221,7 +221,7 @@ def test_model_files_and_sidecar(learned: dict) -> None:
     (model / "best.pt").unlink()
     again = learn_steps.run_training(learned["spec"], learned["train"], learned["val"], LEARN,
                                      learned["root"] / "state", model, threads=2, progress=False)
-    assert (model / "best.pt").is_file() and again["TimingsSeconds"]["job"] < 30
+    assert (model / "best.pt").is_file() and again["EpochsCompleted"] == side["EpochsCompleted"]
     assert again["TimingsSeconds"]["per_epoch"] == side["TimingsSeconds"]["per_epoch"]
 
 

@@ -31,19 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_path, write_json
+from .layout import sidecar_path, stem_of_path
 from .steps import reads
 
 MAP_KEYS = ("T1", "T2star", "B1", "M0")
 MAP_UNITS = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)", "M0": "arbitrary"}
-_RIGID_SUFFIX = "_from-MRF_to-T2w_mode-image_desc-rigid_xfm.mat"
-
-
-def _json_path(path: str | os.PathLike[str]) -> str:
-    base = os.fspath(path)
-    for ext in (".nii.gz", ".nii", ".mat"):
-        if base.endswith(ext):
-            return base[: -len(ext)] + ".json"
-    raise ValueError(f"no sidecar name for {base}")
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
@@ -89,10 +81,7 @@ def register_mrf_to_t2w(
 
     from .registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w, uncompressed
 
-    rigid_out = os.fspath(out["rigid"])
-    if not rigid_out.endswith(_RIGID_SUFFIX):
-        raise ValueError(f"rigid output must end with {_RIGID_SUFFIX}: {rigid_out}")
-    prefix = rigid_out[: -len(_RIGID_SUFFIX)]
+    prefix = stem_of_path(out["rigid"], "register", "rigid")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     res = register_t1_to_t2w(maps["T1"], t2w, prefix, phase_encode_stage=phase_encode_stage,
@@ -192,30 +181,30 @@ def register_mrf(smk: Any, info: dict[str, Any] | None = None) -> None:
         "TimingsSeconds": timings,
     })
     xfm_common = {"Sources": [f["T1"], f["t2w"]], "TimingsSeconds": timings}
-    write_json(_json_path(smk.output.rigid), {
+    write_json(sidecar_path(smk.output.rigid), {
         "Description": "Rigid MRF -> T2w transform (ITK/ANTs .mat; maps T2w points to MRF points)",
         "Units": "mm", **xfm_common})
     if pe:
-        write_json(_json_path(smk.output.warp), {
+        write_json(sidecar_path(smk.output.warp), {
             "Description": "Displacement field (phase-encode component only) on the T2w grid, applied "
                            "before the rigid transform (EPI distortion correction)",
             "Units": "mm", **xfm_common})
-        write_json(_json_path(smk.output.inverse_warp), {
+        write_json(sidecar_path(smk.output.inverse_warp), {
             "Description": "Inverse of the phase-encode warp (T2w -> MRF direction)", "Units": "mm",
             **xfm_common})
     for key in MAP_KEYS:
-        write_json(_json_path(smk.output[key]), {
+        write_json(sidecar_path(smk.output[key]), {
             "Description": f"MRF {key} map resampled into T2w space (full transform, B-spline, "
                            "clipped at 0)",
             "Units": MAP_UNITS[key], "Sources": [f[key], f["t2w"], *full_list],
             "Interpolation": "BSpline", "TimingsSeconds": timings})
-    write_json(_json_path(smk.output.MRF), {
+    write_json(sidecar_path(smk.output.MRF), {
         "Description": "Raw MRF-EPI series resampled into T2w space ("
                        + ("full transform" if full else "rigid part only: the EPI distortion is kept")
                        + ", B-spline, clipped at 0); network input",
         "Units": "arbitrary", "Sources": [f["mrf"], f["t2w"], *mrf_list],
         "Interpolation": "BSpline", "TimingsSeconds": timings})
-    write_json(_json_path(smk.output.mask), {
+    write_json(sidecar_path(smk.output.mask), {
         "Type": "Brain", "Description": "MRF brain mask resampled into T2w space (full transform, "
                                         "linear, >= 0.5)",
         "Units": "1", "Sources": [f["mask"], f["t2w"], *full_list],
@@ -233,12 +222,9 @@ def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_l
     from .registration import image_to_t2w, mask_to_t2w, register_flair_to_t2w
 
     timings: dict[str, float] = {}
-    suffix = "_from-FLAIR_to-T2w_mode-image_xfm.mat"
     out_xfm = os.fspath(out_xfm)
-    if not out_xfm.endswith(suffix):
-        raise ValueError(f"FLAIR transform must end with {suffix}: {out_xfm}")
     t0 = time.perf_counter()
-    res = register_flair_to_t2w(flair, t2w, out_xfm[: -len(suffix)], threads=threads)
+    res = register_flair_to_t2w(flair, t2w, stem_of_path(out_xfm, "register", "flair_xfm"), threads=threads)
     os.replace(res.rigid, out_xfm)
     res.rigid = Path(out_xfm)
     timings["register"] = time.perf_counter() - t0
@@ -260,16 +246,16 @@ def register_flair(smk: Any, info: dict[str, Any] | None = None) -> None:
     if info is None:
         info = register_flair_lesion(**_flair_args(smk))
     timings = _rounded(info["timings"])
-    write_json(_json_path(smk.output.flair_xfm), {
+    write_json(sidecar_path(smk.output.flair_xfm), {
         "Description": "Rigid FLAIR -> T2w transform (ANTs Mattes MI; ITK .mat, maps T2w points to "
                        "FLAIR points)",
         "Units": "mm", "Sources": [smk.input.flair, smk.input.t2w], "TimingsSeconds": timings})
-    write_json(_json_path(smk.output.lesion), {
+    write_json(sidecar_path(smk.output.lesion), {
         "Type": "Lesion", "Description": "Manual lesion mask (FLAIR space) resampled into T2w space "
                                          "(rigid, linear interpolation, >= 0.5)",
         "Units": "1", "Sources": [smk.input.lesion, smk.input.flair, smk.input.t2w, smk.output.flair_xfm],
         "Voxels": info["lesion_voxels"], "TimingsSeconds": timings})
-    write_json(_json_path(smk.output.flair), {
+    write_json(sidecar_path(smk.output.flair), {
         "Description": "FLAIR image resampled into T2w space (rigid, B-spline, clipped at 0)",
         "Units": "arbitrary", "Sources": [smk.input.flair, smk.input.t2w, smk.output.flair_xfm],
         "TimingsSeconds": timings})
@@ -318,7 +304,7 @@ def tissue(smk: Any) -> None:
         if k == "NAWM":
             desc = "Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask"
             src = [*sources, f["lesion"]]
-        write_json(_json_path(path), {"Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src,
+        write_json(sidecar_path(path), {"Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src,
                                       "Method": str(cfg["method"]), "Fit": fit,
                                       "MaskVoxels": res["mask_voxels"], "TimingsSeconds": timings})
     print(f"tissue: {timings}")
@@ -342,7 +328,7 @@ def baseline_map(t1: str, t2star: str, tissue: dict[str, str], mask: str, out: s
                               img.header.get_zooms()[:3])
     _save_like(prob, t1, out, "float32")
     seconds = round(time.perf_counter() - t0, 3)
-    write_json(_json_path(out), {
+    write_json(sidecar_path(out), {
         "Description": "Classical lesion baseline (no deep learning): outliers of log T1 and log T2* against "
                        "the subject's confident white matter, inside the white-matter territory "
                        "(mrflesion.baseline); never reads the manual mask",

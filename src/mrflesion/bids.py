@@ -122,9 +122,9 @@ class Discovery:
 
 
 def _sidecar_path(path: str) -> str:
-    name = os.path.basename(path)
-    stem = name.split(".", 1)[0]
-    return os.path.join(os.path.dirname(path), stem + ".json")
+    from .layout import sidecar_path
+
+    return sidecar_path(path)
 
 
 def parse_name(name: str) -> tuple[tuple[tuple[str, str], ...], str, str] | None:

@@ -33,19 +33,14 @@ import numpy as np
 import pandas as pd
 
 from .io import write_json, write_text
-from .learn_steps import BASELINE_IMAGE, TRAIN_IMAGES, needed_images, ready_file
+from .layout import COHORT, MODELS, TEMPLATES, WORK, derivative, derivatives, file, sidecar_path
+from .learn_steps import TRAIN_IMAGES, needed_images, ready_file
 
 #: Name of the classical lesion baseline in the tables and reports (beside the networks).
 BASELINE = "baseline"
 
-#: Network outputs in T2w space, relative to output_dir (``{stem}``, ``{label}`` filled in).
-OUTPUT_FILES = {
-    "T1": "{stem}_space-T2w_desc-{label}_T1map.nii.gz",
-    "T2star": "{stem}_space-T2w_desc-{label}_T2starmap.nii.gz",
-    "NAWM": "{stem}_space-T2w_label-NAWM_desc-{label}_probseg.nii.gz",
-    "GM": "{stem}_space-T2w_label-GM_desc-{label}_probseg.nii.gz",
-    "lesion": "{stem}_space-T2w_label-lesion_desc-{label}_probseg.nii.gz",
-}
+#: Network outputs in T2w space, relative to output_dir (``{stem}``, ``{label}`` filled in; mrflesion.layout).
+OUTPUT_FILES = TEMPLATES["network"]
 UNITS = {"T1": "ms", "T2star": "ms", "NAWM": "1 (probability)", "GM": "1 (probability)",
          "lesion": "1 (probability)"}
 
@@ -53,28 +48,13 @@ UNITS = {"T1": "ms", "T2star": "ms", "NAWM": "1 (probability)", "GM": "1 (probab
 REFERENCE_FILES = TRAIN_IMAGES
 
 #: Phantom ground truth in T2w space, relative to the phantom's derivatives/truth.
-TRUTH_FILES = {
-    "T1": "{stem}_space-T2w_T1map.nii.gz",
-    "T2star": "{stem}_space-T2w_T2starmap.nii.gz",
-    "WM": "{stem}_space-T2w_label-WM_probseg.nii.gz",
-    "GM": "{stem}_space-T2w_label-GM_probseg.nii.gz",
-    "lesion": "{stem}_space-T2w_label-lesion_mask.nii.gz",
-    "lesionid": "{stem}_space-T2w_desc-lesionid_dseg.nii.gz",
-}
+TRUTH_FILES = TEMPLATES["truth"]
 
 #: The phantom's per-lesion truth (BIDS dseg look-up table of ``lesionid``: location class, drawn ratios).
-TRUTH_LESION_TABLE = "{stem}_space-T2w_desc-lesionid_dseg.tsv"
+TRUTH_LESION_TABLE = TEMPLATES["truth_table"]["lesionid"]
 
 #: Quantitative maps of the per-lesion table (dictionary maps in T2w space), relative to output_dir.
-QUANT_FILES = {
-    "T1": "{stem}_acq-MRFEPI_space-T2w_T1map.nii.gz",
-    "T2star": "{stem}_acq-MRFEPI_space-T2w_T2starmap.nii.gz",
-    "B1": "{stem}_acq-MRFEPI_space-T2w_TB1map.nii.gz",
-}
-CSF_T2W = "{stem}_space-T2w_label-CSF_probseg.nii.gz"
-
-#: The FLAIR in T2w space (rule ``register``; written with the registered lesion mask).
-FLAIR_T2W = "{stem}_space-T2w_FLAIR.nii.gz"
+QUANT_FILES = {k: TEMPLATES["register"][k] for k in ("T1", "T2star", "B1")}
 
 #: Conventional-chain rules whose Snakemake benchmark files give the per-subject timings.
 CHAIN_STEPS = ("check_inputs", "qmri", "register", "tissue")
@@ -89,8 +69,7 @@ def net_label(name: str) -> str:
 
 
 def output_files(out_dir: str, stem: str, network: str, outputs: Sequence[str]) -> dict[str, str]:
-    label = net_label(network)
-    return {o: f"{out_dir}/" + OUTPUT_FILES[o].format(stem=stem, label=label) for o in outputs}
+    return derivatives("network", out_dir, stem, keys=outputs, label=net_label(network))
 
 
 def check_labels(networks: Sequence[str]) -> None:
@@ -101,11 +80,6 @@ def check_labels(networks: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- inference
-
-
-def _sidecar_path(nifti: str | Path) -> Path:
-    s = str(nifti)
-    return Path(s[: -len(".nii.gz")] + ".json" if s.endswith(".nii.gz") else s + ".json")
 
 
 def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Mapping[str, Any]],
@@ -137,7 +111,7 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
             img = nib.Nifti1Image(vol.astype(np.float32), ref.affine)
             img.header.set_xyzt_units("mm")
             save_nifti(img, paths[name])
-            write_json(_sidecar_path(paths[name]), {
+            write_json(sidecar_path(paths[name]), {
                 "Description": f"U-net {rec['network']}: {name}",
                 "Units": UNITS[name],
                 "Space": "T2w",
@@ -336,10 +310,11 @@ def evaluate_subject(smk: Any) -> None:
     from .evaluate.report import NetworkResult, SubjectReport, write_subject_report
     from .model_card import schedule_problem
 
-    # params.info: the subject's details (EvaluationPlan.evaluate_params); cfg: the evaluation config
+    # params.info: the subject's details (EvaluationPlan.evaluate_params); cfg: the evaluation config;
+    # config: the run's configuration (provenance), from snakemake.config: not a param, it reruns nothing
     from .steps import StepError
 
-    p = SimpleNamespace(**smk.params.info, cfg=smk.params.cfg, config=smk.params.config)
+    p = SimpleNamespace(**smk.params.info, cfg=smk.params.cfg, config=smk.config)
     record = json.loads(Path(smk.input.models).read_text())
     models = {}
     cards: dict[str, Any] = {}
@@ -355,7 +330,7 @@ def evaluate_subject(smk: Any) -> None:
     inferred = apply_networks(
         p.key, p.images, models,
         {net: {o: smk.output[f"{net_label(net)}_{o}"] for o in outs} for net, outs in p.networks.items()},
-        smk.params.inference, int(smk.threads))
+        {**smk.params.inference, "device": smk.config["inference"]["device"]}, int(smk.threads))
     threshold = float(p.cfg["threshold"])
     tissue_threshold = float(p.cfg["tissue_threshold"])
     f = p.files  # under the declared input `ready` (see EvaluationPlan)
@@ -401,7 +376,7 @@ def evaluate_subject(smk: Any) -> None:
     for i, (name, value) in enumerate(meta.items()):
         quant.insert(i, name, value)
     write_text(smk.output.quant, quant.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"))
-    write_json(_sidecar_path(smk.output.quant.replace(".tsv", ".nii.gz")), quant_side)
+    write_json(sidecar_path(smk.output.quant), quant_side)
 
     # ----- report
     timings = {f"conventional: {k}": v for k, v in chain.items()}
@@ -645,7 +620,7 @@ def group_evaluation(smk: Any) -> None:
     network_names = list(p.networks)  # the applied networks, the recommended (lead) one first
     lead = network_names[0] if network_names else None
     ref = plot_reference(sel)
-    t = (p.config.get("evaluation") or {}).get("threshold")
+    t = getattr(p, "threshold", None)
     threshold = float(t) if t is not None else None
     lead_metrics = set(sel.loc[(sel["network"] == lead) & (sel["reference"] == ref), "metric"])
     suffix = "_vt" if "lw_sensitivity_vt" in lead_metrics else ""
@@ -690,7 +665,7 @@ def group_evaluation(smk: Any) -> None:
                           values="mean_sd", aggfunc="first").reset_index() if len(lesion_sites) else lesion_sites,
             "Conventional chain vs network inference (seconds per subject)": times_df,
         },
-        cohort, provenance(p.config), out.report, notes=notes, metrics=sel, overview=overview, lead=lead,
+        cohort, provenance(smk.config), out.report, notes=notes, metrics=sel, overview=overview, lead=lead,
         networks=network_names, reference=ref, threshold=threshold,
         overview_caption=overview_caption,
     )
@@ -712,7 +687,7 @@ class EvaluationPlan:
         check_labels(list(self.networks))
         #: apply mode: the models directory's networks (mrflesion.model_card.ApplyPlan); else None
         self.models = getattr(training, "models", None)
-        self.models_dir = self.models.dir if self.models is not None else f"{out_dir}/models"
+        self.models_dir = self.models.dir if self.models is not None else file(COHORT, "models", out_dir)
         self.refused: dict[str, str] = dict(getattr(training, "refused", {}))
         #: the subjects that get inference and evaluation (apply mode: not those refused)
         self.stems = [st for st in plan.stems() if st not in self.refused]
@@ -723,10 +698,10 @@ class EvaluationPlan:
     def truth_files(self, stem: str) -> dict[str, str]:
         if not self.truth_dir:
             return {}
-        return {k: f"{self.truth_dir}/" + v.format(stem=stem) for k, v in TRUTH_FILES.items()}
+        return derivatives("truth", self.truth_dir, stem)
 
     def truth_table(self, stem: str) -> str | None:
-        return f"{self.truth_dir}/" + TRUTH_LESION_TABLE.format(stem=stem) if self.truth_dir else None
+        return derivative("truth_table", "lesionid", self.truth_dir, stem) if self.truth_dir else None
 
     def all_truth_files(self) -> list[str]:
         return [f for st in self.plan.stems() for f in [*self.truth_files(st).values(), self.truth_table(st)] if f]
@@ -748,7 +723,7 @@ class EvaluationPlan:
         return ready_file(self.out, stem)
 
     def models_record(self) -> str:
-        return f"{self.models_dir}/models.json"
+        return file(MODELS, "record", self.models_dir)
 
     def network_outputs(self, stem: str) -> dict[str, str]:
         """Every network's output files of one subject, named ``<label>_<output>``."""
@@ -758,7 +733,7 @@ class EvaluationPlan:
         return output_files(self.out, stem, network, self.networks[network])
 
     def benchmark(self, step: str, stem: str) -> str:
-        return f"{self.work}/benchmarks/{step}/{stem}.tsv"
+        return file(WORK, "benchmark", self.work, step=step, stem=stem)
 
     def evaluate_inputs(self, stem: str) -> dict[str, str]:
         """Declared inputs of a subject's evaluation: ``models`` (the record ``models/models.json`` of
@@ -780,10 +755,10 @@ class EvaluationPlan:
              if k not in ("mask", "mrf")}
         d["mask"] = f"{self.out}/" + REFERENCE_FILES["mask"].format(stem=stem)
         d["mrf_t2w"] = f"{self.out}/" + REFERENCE_FILES["mrf"].format(stem=stem)
-        d["flair_t2w"] = f"{self.out}/" + FLAIR_T2W.format(stem=stem)
-        d["baseline"] = f"{self.out}/" + BASELINE_IMAGE.format(stem=stem)
-        d.update({f"quant_{k}": f"{self.out}/" + v.format(stem=stem) for k, v in QUANT_FILES.items()})
-        d["csf"] = f"{self.out}/" + CSF_T2W.format(stem=stem)
+        d["flair_t2w"] = derivative("register", "flair", self.out, stem)
+        d["baseline"] = derivative("tissue", "baseline", self.out, stem)
+        d.update({f"quant_{k}": derivative("register", k, self.out, stem) for k in QUANT_FILES})
+        d["csf"] = derivative("tissue", "CSF", self.out, stem)
         d.update(raw_mrf=s.files["mrf"], raw_t2w=s.files["t2w"], raw_flair=s.files["flair"])
         return d
 
@@ -802,19 +777,11 @@ class EvaluationPlan:
             "truth_table": self.truth_table(stem),
             "benchmarks": {step: self.benchmark(step, stem) for step in CHAIN_STEPS},
             "lead": next(iter(self.networks), None),
-            "weights": {n: f"{self.models_dir}/{n}/best.pt" for n in self.networks},
-            "histories": {n: f"{self.models_dir}/{n}/history.tsv" for n in self.networks},
-            "cards": {n: f"{self.models_dir}/{n}/model_card.json" for n in self.networks},
+            "weights": {n: file(MODELS, "best", self.models_dir, network=n) for n in self.networks},
+            "histories": {n: file(MODELS, "history", self.models_dir, network=n) for n in self.networks},
+            "cards": {n: file(MODELS, "card", self.models_dir, network=n) for n in self.networks},
             "schedule": self.plan.schedule[stem], "sidecar": s.sidecar,
         }
 
     def subject_outputs(self, stem: str) -> dict[str, str]:
-        base = f"{self.out}/{stem}"
-        return {
-            "metrics": f"{base}_desc-evaluation_metrics.tsv",
-            "json": f"{base}_desc-evaluation_metrics.json",
-            "curves": f"{base}_desc-evaluation_curves.tsv",
-            "lesions": f"{base}_desc-evaluation_lesions.tsv",
-            "quant": f"{base}_space-T2w_desc-lesions_quant.tsv",
-            "report": f"{base}_report.html",
-        }
+        return derivatives("evaluation", self.out, stem)

@@ -40,23 +40,26 @@ from typing import Any
 import pandas as pd
 
 from .io import write_json, write_text
+from .layout import TEMPLATES, WORK, file
 
 #: Paper cohort size the default split counts refer to (docs/method.md).
 PAPER_SUBJECTS = 48
 
-#: Training images of one subject (T2w space) relative to ``output_dir``; ``{stem}`` as in the workflow.
-TRAIN_IMAGES = {
-    "mrf": "{stem}_acq-MRFEPI_space-T2w_MRF.nii.gz",
-    "T1": "{stem}_acq-MRFEPI_space-T2w_T1map.nii.gz",
-    "T2star": "{stem}_acq-MRFEPI_space-T2w_T2starmap.nii.gz",
-    "NAWM": "{stem}_space-T2w_label-NAWM_probseg.nii.gz",
-    "GM": "{stem}_space-T2w_label-GM_probseg.nii.gz",
-    "lesion": "{stem}_space-T2w_label-lesion_mask.nii.gz",
-    "mask": "{stem}_space-T2w_desc-brain_mask.nii.gz",
+#: Training images of one subject (T2w space): image kind -> (stage, output) of :data:`mrflesion.layout.DERIVATIVES`.
+TRAIN_SOURCES = {
+    "mrf": ("register", "MRF"),
+    "T1": ("register", "T1"),
+    "T2star": ("register", "T2star"),
+    "NAWM": ("tissue", "NAWM"),
+    "GM": ("tissue", "GM"),
+    "lesion": ("register", "lesion"),
+    "mask": ("register", "mask"),
 }
+#: The training images' names relative to ``output_dir``; ``{stem}`` as in the workflow.
+TRAIN_IMAGES = {kind: TEMPLATES[stage][key] for kind, (stage, key) in TRAIN_SOURCES.items()}
 
 #: The classical lesion baseline of one subject (written by the ``tissue`` job, see mrflesion.baseline).
-BASELINE_IMAGE = "{stem}_space-T2w_label-lesion_desc-baseline_probseg.nii.gz"
+BASELINE_IMAGE = TEMPLATES["tissue"]["baseline"]
 
 #: The image that stands for a subject's finished conventional chain in the declared inputs of the
 #: jobs that read the T2w-space images (training, inference, evaluation). Its job (``tissue``) reads the
@@ -241,21 +244,20 @@ class TrainingPlan:
                  "lesion": f"{self.out}/" + TRAIN_IMAGES["lesion"].format(stem=st),
                  "mask": f"{self.out}/" + TRAIN_IMAGES["mask"].format(stem=st)} for st in self.stems("val")]
 
-    def card_info(self, config: Mapping[str, Any]) -> dict[str, Any]:
+    def card_info(self) -> dict[str, Any]:
         """What the model cards take from the plan (rule ``model_record``): the training cohort per
-        site, the MRF schedules of the training and validation subjects, the configuration's hash."""
-        from .model_card import cohort_summary, config_sha256
+        site, the MRF schedules of the training and validation subjects."""
+        from .model_card import cohort_summary
 
         stems = self.stems("train") + self.stems("val")
         fingerprints = sorted({self.plan.schedule[st] for st in stems})
         return {"cohort": {"Sites": cohort_summary(self.rows, self.split_of), "SplitsSha256": splits_hash(self.splits)},
-                "schedules": {fp: self.plan.schedules[fp] for fp in fingerprints},
-                "config_sha256": config_sha256(config)}
+                "schedules": {fp: self.plan.schedules[fp] for fp in fingerprints}}
 
     def training_set_record(self, work_dir: str) -> str:
         """The record of the subjects a training job reads (rule ``training_set``): what the eight
         training jobs depend on, instead of each listing every subject (planning a large cohort)."""
-        return f"{work_dir}/train/training_set.json"
+        return file(WORK, "training_set", work_dir)
 
 
 def train_arguments(cfg: Mapping[str, Any], spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -397,7 +399,7 @@ def train_network(smk: Any) -> None:
         smk.params.spec,
         train_subjects,
         val_subjects,
-        smk.params.cfg,
+        {**smk.params.cfg, "device": smk.config["training"]["device"]},  # the device: not a param (reruns nothing)
         smk.params.state_dir,
         out,
         threads=int(smk.threads),
@@ -444,13 +446,17 @@ def model_record(smk: Any) -> None:
             "LesionThreshold": side.get("LesionThreshold"),
         }
     write_json(smk.output.record, {"Networks": record, "Baseline": baseline_threshold(smk.params.baseline)})
-    write_model_cards(smk.params.networks, smk.input.best, smk.input.sidecar, smk.output.cards, smk.params.card)
+    from .model_card import config_sha256
+
+    # the configuration's hash from snakemake.config, not a param: a param would rerun on any setting
+    write_model_cards(smk.params.networks, smk.input.best, smk.input.sidecar, smk.output.cards,
+                      {**smk.params.card, "config_sha256": config_sha256(smk.config)})
 
 
 def write_model_cards(networks: Sequence[str], best: Sequence[str], sidecars: Sequence[str], cards: Sequence[str],
                       info: Mapping[str, Any]) -> None:
     """``models/<network>/model_card.json`` of every network (:func:`mrflesion.model_card.make_card`);
-    ``info``: :meth:`TrainingPlan.card_info`."""
+    ``info``: :meth:`TrainingPlan.card_info` and ``config_sha256``."""
     from .learn import checkpoint
     from .model_card import make_card
     from .workflow import version_info

@@ -187,7 +187,10 @@ class RegistrationResult:
 
 
 def _xfm_name(out_prefix: PathLike, src: str, dst: str, desc: str, ext: str) -> Path:
-    return Path(f"{os.fspath(out_prefix)}_from-{src}_to-{dst}_mode-image_desc-{desc}_xfm{ext}")
+    from .layout import bids
+
+    return Path(bids(stem=os.fspath(out_prefix), from_=src, to=dst, mode="image", desc=desc, suffix="xfm",
+                     extension=ext))
 
 
 def _restrict_vector(fixed: ants.ANTsImage, pe_axis: int) -> tuple[float, ...]:

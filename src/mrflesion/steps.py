@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__
 from .io import write_json, write_text
+from .layout import sidecar_path
 from .validate import InputError, check_subject
 from .workflow import version_info
 
@@ -142,13 +143,8 @@ def reads(smk: Any) -> dict[str, str]:
 
 
 def _sidecar_for(path: str, fields: dict[str, Any]) -> None:
-    """Write ``<path without .nii.gz>.json`` next to a NIfTI output."""
-    base = str(path)
-    for ext in (".nii.gz", ".nii", ".npz"):
-        if base.endswith(ext):
-            base = base[: -len(ext)]
-            break
-    write_json(base + ".json", fields)
+    """Write the JSON sidecar of an output (:func:`mrflesion.layout.sidecar_path`)."""
+    write_json(sidecar_path(path), fields)
 
 
 def mrf_mask(mrf: str, out_mask: str, record: dict[str, Any] | None = None) -> int:
@@ -198,13 +194,13 @@ def denoise(smk: Any) -> None:
     """The MRF brain mask, then MPPCA denoising inside it (series and noise map); part of ``qmri``."""
     from .denoise import denoise_file
 
-    cfg = smk.params.denoise
+    cfg = smk.params.denoise  # what changes results; the device: snakemake.config (reruns nothing)
     t0 = time.perf_counter()
     voxels = mrf_mask(smk.input.mrf, smk.output.mask, _timing_record(smk.input.checked))
     print(f"brain mask: {voxels} voxels")
     stats = denoise_file(
         smk.input.mrf, smk.output.denoised, smk.output.sigma, mask_path=smk.output.mask,
-        patch_radius=int(cfg["patch_radius"]), device=str(cfg["device"]),
+        patch_radius=int(cfg["patch_radius"]), device=str(smk.config["denoise"]["device"]),
     )
     common = {"Sources": [str(smk.input.mrf), str(smk.output.mask)], "SoftwareStep": "MPPCA", **_jsonable(stats),
               **_timing_record(smk.input.checked)}
@@ -234,7 +230,8 @@ def match(smk: Any) -> None:
 
     from .mrf.matching import match_file
 
-    cfg = smk.params.matching
+    cfg = smk.params.matching  # what changes results; device and block size: snakemake.config (rerun nothing)
+    run = smk.config["matching"]
     t0 = time.perf_counter()
     record = _timing_record(smk.input.checked)
     f = {"mrf": smk.output.denoised, "mask": smk.output.mask, "sidecar": smk.input.sidecar,
@@ -249,7 +246,7 @@ def match(smk: Any) -> None:
             json.dump(record["MRFTiming"], fh)
         stats = match_file(
             f["mrf"], resolved, f["dictionary"], out, mask_path=f["mask"],
-            mode=str(cfg["mode"]), device=str(cfg["device"]), block_voxels=int(cfg["block_voxels"]),
+            mode=str(cfg["mode"]), device=str(run["device"]), block_voxels=int(run["block_voxels"]),
             threads=int(smk.threads), progress=True, refine=bool(cfg.get("refine", True)),
         )
     sources = [f["mrf"], *record["MRFSidecars"], f["mask"]]

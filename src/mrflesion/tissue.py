@@ -510,8 +510,10 @@ def run_tissue(
     Path(os.fspath(out_prefix)).parent.mkdir(parents=True, exist_ok=True)
     src = os.path.basename(os.fspath(image_path)) if not isinstance(image_path, nib.spatialimages.SpatialImage) \
         else "image"
+    from mrflesion.layout import bids, sidecar_path
+
     for k, arr in maps.items():
-        path = Path(f"{os.fspath(out_prefix)}_label-{k}_probseg.nii.gz")
+        path = Path(bids(stem=os.fspath(out_prefix), label=k, suffix="probseg", extension=".nii.gz"))
         nimg = nib.Nifti1Image(arr.astype(np.float32), img.affine)
         nimg.set_qform(img.affine, code=1)
         nimg.set_sform(img.affine, code=1)
@@ -520,7 +522,7 @@ def run_tissue(
                    "Description": f"{k} probability (posterior expected tissue fraction), MNI152 priors + EM"}
         if k == "NAWM":
             sidecar["Description"] = "WM probability outside the lesion mask"
-        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=2))
+        Path(sidecar_path(path)).write_text(json.dumps(sidecar, indent=2))
         out[k] = path
     out["timings"] = timings
     return out

@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import layout
 from .bids import Discovery, InputProblem, SubjectInputs, discover, expected_inputs
 from .paths import workflow_root
-
-STEM_REGEX = r"sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?/anat/sub-[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?"
 
 
 @dataclass
@@ -42,8 +41,9 @@ class Plan:
 
 
 def stem_of(s: SubjectInputs) -> str:
-    """``sub-X/anat/sub-X`` or ``sub-X/ses-Y/anat/sub-X_ses-Y``: output paths are ``<stem>_<suffix>``."""
-    return f"{s.folder}/anat/{s.key}"
+    """``sub-X/anat/sub-X`` or ``sub-X/ses-Y/anat/sub-X_ses-Y``: output paths are ``<stem>_<suffix>``
+    (mrflesion.layout)."""
+    return layout.stem(s.subject, s.session)
 
 
 def phantom_discovery(config: Mapping[str, Any]) -> Discovery:
@@ -113,7 +113,7 @@ def make_plan(config: Mapping[str, Any]) -> Plan:
 
 def failure_record_path(work_dir: str, stem: str) -> str:
     """Where a failed input check of ``stem`` leaves its record (next to the rule's log)."""
-    return f"{work_dir.rstrip('/')}/logs/check_inputs/{stem}.failed.json"
+    return layout.file(layout.WORK, "failed_check", work_dir.rstrip("/"), stem=stem)
 
 
 def input_fingerprint(files: Mapping[str, str]) -> dict[str, list[int]]:

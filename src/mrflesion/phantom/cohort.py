@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import ndimage
 
 from mrflesion import __version__
+from mrflesion.layout import sidecar_path
 from mrflesion.mrf.sequence import Protocol
 from mrflesion.mrf.signal import simulate
 
@@ -170,7 +171,7 @@ def _write_session(
 
     def truth(name: str, data: np.ndarray, affine: np.ndarray, side: dict[str, Any]) -> None:
         write_nifti(truth_dir / name, data, affine, level)
-        write_json(truth_dir / name.replace(".nii.gz", ".json"), side)
+        write_json(Path(sidecar_path(truth_dir / name)), side)
 
     # ------------------------------------------------------------ T2w (reference space)
     sp = spaces["T2w"]
@@ -470,7 +471,7 @@ def _write_session(
     mname = nm("mask", space="FLAIR", label="lesion")
     write_nifti(man_dir / mname, manual, aff, level)
     write_json(
-        man_dir / mname.replace(".nii.gz", ".json"),
+        Path(sidecar_path(man_dir / mname)),
         {
             "Type": "Lesion",
             "Description": "Simulated manual WM lesion segmentation on FLAIR (rater-like: boundary "
