@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .device import resolve_device
 from .io import save_nifti
 
 __all__ = ["mppca", "denoise_file", "resolve_device"]
@@ -84,16 +85,6 @@ DEFAULT_STRIDE = (2, 2, 2)
 # Subspace iterations for the kept eigenvectors in the fast mode (0: full eigh), and guard columns.
 DEFAULT_SUBSPACE_ITERS = 3
 _SUBSPACE_GUARD = 3
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
-    return dev
 
 
 def _patch_radius(shape3: tuple[int, int, int], patch_radius: int | tuple[int, int, int]) -> np.ndarray:

@@ -289,16 +289,20 @@ def _benchmark_seconds(path: str | Path) -> float:
 
 
 def provenance(config: Mapping[str, Any]) -> dict[str, str]:
-    from .workflow import repo_root, version_info
+    from .model_card import config_sha256
+    from .paths import workflow_root
+    from .workflow import version_info
 
     info = {f"version {k}": v for k, v in version_info().items()}
-    text = json.dumps(config, sort_keys=True, default=str)
-    info["config sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
-    try:
-        commit = subprocess.run(["git", "-C", str(repo_root()), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    info["config sha256"] = config_sha256(config)
+    root = workflow_root()
+    commit = ""
+    if (root / ".git").exists():  # a checkout; an installed copy must not report an enclosing repository's commit
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
     info["commit"] = commit or "unknown (not a git checkout)"
     info["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return info

@@ -302,7 +302,8 @@ def run_training(
 ) -> dict[str, Any]:
     """Train one network (resuming from ``state_dir``) and publish ``best.pt``, ``history.tsv`` and
     ``best.json`` in ``model_dir``. Returns the sidecar's content."""
-    from .learn.train import ResumeMismatch, resolve_device, train
+    from .device import resolve_device
+    from .learn.train import ResumeMismatch, train
 
     state = Path(state_dir)
     model = Path(model_dir)

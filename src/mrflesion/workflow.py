@@ -17,7 +17,6 @@ from typing import Any
 
 from . import layout
 from .bids import Discovery, InputProblem, SubjectInputs, discover, expected_inputs
-from .paths import workflow_root
 
 
 @dataclass
@@ -211,7 +210,3 @@ def version_info() -> dict[str, str]:
             out[name] = "not installed"
     return out
 
-
-#: the workflow's root (the checkout or the packaged copy): the old name of :func:`mrflesion.paths.workflow_root`,
-#: still imported by evaluate_steps.provenance; new code imports workflow_root
-repo_root = workflow_root

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..device import autocast, resolve_device
 from .data import SubjectPaths, load_subject
 from .networks import UNet, forward_padded
-from .train import _autocast, load_model, predict_slices, resolve_device
+from .train import load_model, predict_slices
 
 INFERENCE_MODES = ("whole", "sliding")
 
@@ -64,7 +65,7 @@ def predict_sliding(
             chunk = boxes[b0:b0 + batch]
             x = np.stack([x_all[k, i:i + window, j:j + window] for k, i, j in chunk])
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).contiguous()
-            with _autocast(device):
+            with autocast(device):
                 y = forward_padded(model, xt)
             y_np = y.float().permute(0, 2, 3, 1).cpu().numpy()
             for (k, i, j), yk in zip(chunk, y_np, strict=True):

@@ -36,13 +36,14 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..device import autocast, resolve_device
 from . import checkpoint as ckpt_io
 from .data import (
     Augmentation,
@@ -99,12 +100,6 @@ class ResumeMismatch(ValueError):
     """``last.pt`` was written with different settings than this call's."""
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @contextmanager
 def _stop_signals(flag: list[int]):
     """Install SIGTERM/SIGUSR1 handlers that only record the signal (main thread only)."""
@@ -144,12 +139,6 @@ def _torch_settings(device: torch.device, num_threads: int | None):
         torch.backends.cudnn.benchmark = old_bench
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def _weight_average(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
     """Exponential moving average of ``model``'s weights and buffers (batch-norm statistics), or None
     for ``decay`` 0."""
@@ -183,7 +172,7 @@ def predict_slices(
             x = torch.from_numpy(np.ascontiguousarray(inputs[z0 : z0 + batch_slices])).to(device)
             x = x.permute(0, 3, 1, 2)
             x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
-            with _autocast(device):
+            with autocast(device):
                 y = forward_padded(model, x, logits=logits)
             out[z0 : z0 + batch_slices] = y.float().permute(0, 2, 3, 1).cpu().numpy()
     finally:
@@ -536,7 +525,7 @@ def train(
                     x, y = augment_batch(x, y, aug, gen, intensity=spec.uses_mrf)
                 if dev.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(dev):
+                with autocast(dev):
                     pred = model(x, logits=loss_fn.wants_logits)
                 per = loss_fn.per_channel(pred.float(), y)
                 total = per.mean()

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..io import save_nifti
 from .dictionary import DictionaryError, MRFDictionary
 from .sequence import Protocol
@@ -82,14 +83,6 @@ _REFINE_MAX_STEPS = (8.0, 5.0, 1.0)
 _SUB_BLOCK = 512  # voxels per medoid-bound sub-block on CPU (the bound matrices stay in cache)
 _BOUND_RANK = 16  # smallest rank of the projection that bounds the medoid scores on CPU
 _CPU_BINS = 32  # bins of clusters (by cone angle) of the first, broadcast cluster test on CPU
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class _Progress:
