@@ -16,45 +16,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-def synthetic_mrf(
+from synthmrf import synthetic_mrf  # noqa: E402
+
+
+def bench_series(
     shape: tuple[int, int, int], sigma: float = 0.02, seed: int = 0, rician: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Smooth T1/T2*/B1/M0 maps in an ellipsoidal 'brain' -> (noisy, clean, mask); M0 ~ 1."""
-    from scipy.ndimage import gaussian_filter
-
-    from mrflesion.mrf.sequence import Protocol
-    from mrflesion.mrf.signal import simulate
-
-    rng = np.random.default_rng(seed)
-    nx, ny, nz = shape
-    x, y, z = np.meshgrid(np.linspace(-1, 1, nx), np.linspace(-1, 1, ny), np.linspace(-1, 1, nz), indexing="ij")
-    mask = (x / 0.85) ** 2 + (y / 0.9) ** 2 + (z / 1.2) ** 2 <= 1.0
-
-    def smooth(lo: float, hi: float, s: float) -> np.ndarray:
-        f = gaussian_filter(rng.standard_normal(shape), s, mode="reflect")
-        f = (f - f.min()) / (np.ptp(f) + 1e-12)
-        return lo + (hi - lo) * f
-
-    t1 = smooth(700.0, 1900.0, 3.0)
-    t2s = smooth(40.0, 90.0, 3.0)
-    b1 = 0.8 + 0.4 * (0.5 + 0.5 * x * y) + 0.0 * z
-    m0 = np.where(mask, smooth(0.7, 1.0, 4.0), 0.0)
-    p = Protocol.default(nz)
-    clean = np.empty(shape + (p.n_measurements,))
-    for k in range(nz):
-        clean[:, :, k] = simulate(p, k, t1[:, :, k], t2s[:, :, k], b1[:, :, k])
-    clean = np.abs(clean) * m0[..., None]  # magnitude images: the model signal is signed
-    if rician:
-        noisy = np.hypot(clean + sigma * rng.standard_normal(clean.shape), sigma * rng.standard_normal(clean.shape))
-    else:
-        noisy = clean + sigma * rng.standard_normal(clean.shape)
-    return noisy, clean, mask
+    """The benchmark's synthetic series (smoother fields than the tests') -> (noisy, clean, mask); M0 ~ 1."""
+    return synthetic_mrf(shape, sigma, seed, rician, smoothing=3.0, m0_smoothing=4.0, z_radius=1.2, b1=(0.8, 0.4))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         mask = np.asanyarray(nib.load(args.mask).dataobj) > 0 if args.mask else None
         true_sigma = None
     else:
-        data, _, mask = synthetic_mrf(tuple(args.size), args.sigma, args.seed, args.rician)
+        data, _, mask = bench_series(tuple(args.size), args.sigma, args.seed, args.rician)
         true_sigma = args.sigma
         if args.no_mask:
             mask = None

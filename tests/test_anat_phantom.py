@@ -29,6 +29,7 @@ os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "2"
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from phantomgrids import DEMO_SLAB  # noqa: E402
 
 from mrflesion import anat_steps  # noqa: E402
 from mrflesion import registration as reg  # noqa: E402
@@ -37,16 +38,6 @@ from mrflesion.phantom import generate  # noqa: E402
 from mrflesion.phantom.fields import undo_displacement  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-DEMO_SLAB = {
-    "shape": [120, 120, 10],
-    "voxel_mm": [2.0, 2.0, 3.0],
-    "supersample": [2, 2, 2],
-    "flair": {"shape": [120, 120, 12], "voxel_mm": [2.0, 2.0, 3.0], "supersample": [2, 2, 2]},
-    "slab_center_mni": [0.0, -17.0, 10.0],
-    "lesion_count": [4, 10],
-}
-
 
 def surrogate_t1(truth_dir: Path, sub: str, rng: np.random.Generator, noise: float = 0.03) -> nib.Nifti1Image:
     """Matching-like T1 map in MRF space from the truth (see the module docstring)."""

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from numerics import U64, VARIANTS, MPDecisions, check_sigma, mp_decisions, mppca_centres, variant_result
 from scipy.ndimage import binary_erosion, gaussian_filter
+from synthmrf import synthetic_mrf
 
 from mrflesion.denoise import _coverage, _mp_variance, _select_centres, denoise_file, mppca
-from mrflesion.mrf.sequence import Protocol
-from mrflesion.mrf.signal import simulate
 
 SHAPE = (20, 20, 10)
 SIGMA = 0.01  # signal amplitude ~0.1-0.5 for M0 ~ 1
@@ -23,28 +22,7 @@ def _synthetic(
     shape: tuple[int, int, int] = SHAPE, sigma: float = SIGMA, seed: int = 0, rician: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Low-rank MRF series from the project's signal model: (noisy, clean, brain mask)."""
-    rng = np.random.default_rng(seed)
-    nx, ny, nz = shape
-    x, y, z = np.meshgrid(np.linspace(-1, 1, nx), np.linspace(-1, 1, ny), np.linspace(-1, 1, nz), indexing="ij")
-    mask = (x / 0.85) ** 2 + (y / 0.9) ** 2 + (z / 1.3) ** 2 <= 1.0
-
-    def smooth(lo: float, hi: float, s: float) -> np.ndarray:
-        f = gaussian_filter(rng.standard_normal(shape), s, mode="reflect")
-        f = (f - f.min()) / (np.ptp(f) + 1e-12)
-        return lo + (hi - lo) * f
-
-    t1 = smooth(700.0, 1900.0, 2.5)
-    t2s = smooth(40.0, 90.0, 2.5)
-    b1 = 0.85 + 0.3 * (0.5 + 0.5 * x * y)
-    m0 = np.where(mask, smooth(0.7, 1.0, 3.0), 0.0)
-    p = Protocol.default(nz)
-    clean = np.stack([simulate(p, k, t1[:, :, k], t2s[:, :, k], b1[:, :, k]) for k in range(nz)], axis=2)
-    clean = np.abs(clean) * m0[..., None]  # magnitude images: the model signal is signed
-    if rician:
-        noisy = np.hypot(clean + sigma * rng.standard_normal(clean.shape), sigma * rng.standard_normal(clean.shape))
-    else:
-        noisy = clean + sigma * rng.standard_normal(clean.shape)
-    return noisy, clean, mask
+    return synthetic_mrf(shape, sigma, seed, rician)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT
+from phantomgrids import TINY
 
 from mrflesion import learn_steps
 from mrflesion.learn.networks import default_networks
@@ -127,15 +128,8 @@ def test_splits_rule_writes_the_planned_table(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- (b) learning
 
-# A coarse slab of the phantom (3 x 3 x 4 mm, 8 slices): generation and training take seconds.
-SLAB = {
-    "shape": [80, 80, 8],
-    "voxel_mm": [3.0, 3.0, 4.0],
-    "supersample": [2, 2, 1],
-    "flair": {"shape": [80, 80, 10], "voxel_mm": [3.0, 3.0, 4.0], "supersample": [2, 2, 1]},
-    "slab_center_mni": [0.0, -17.0, 14.0],
-    "lesion_count": [6, 10],
-}
+# A coarse slab of the phantom (3 x 3 x 4 mm, 8 slices) with more lesions: generation and training take seconds.
+SLAB = {**TINY, "lesion_count": [6, 10]}
 LEARN = {
     "epochs": 8,
     "batch_size": 16,

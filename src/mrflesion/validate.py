@@ -230,6 +230,24 @@ def _check_orientation(key: str, img: nib.Nifti1Image, path: str | Path, what: s
         raise InputError(key, f"{what} affine is the identity (no scanner orientation and voxel size)", path)
 
 
+def _load_anatomical(key: str, path: str | Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load a 3D anatomical image (T2w, FLAIR) with finite, not all-zero values and a scanner orientation."""
+    img, data = load_image(key, path, what)
+    if data.ndim != 3:
+        raise InputError(key, f"{what} must be 3D, got {data.ndim}D", path)
+    _check_values(key, data, path, what)
+    _check_orientation(key, img, path, what, identity=False)
+    return img, data
+
+
+def _check_overlap(key: str, img: nib.Nifti1Image, t2w_img: nib.Nifti1Image, what: str, path: str | Path) -> float:
+    """The :func:`overlap_fraction` of ``img`` (``what``: MRF, FLAIR) and the T2w image; at least one half."""
+    frac = overlap_fraction(img, t2w_img)
+    if frac < 0.5:
+        raise InputError(key, f"{what} and T2w fields of view overlap by only {frac:.0%}", path)
+    return frac
+
+
 def inplane_fov_mm(img: nib.Nifti1Image) -> np.ndarray:
     """The two largest physical extents (mm) of an image's field of view along the world axes."""
     ext = np.abs(np.asarray(img.affine)[:3, :3]) @ np.asarray(img.shape[:3], float)
@@ -288,14 +306,8 @@ def check_subject(
             key, f"MRF sidecar SliceOrder has {protocol.n_slices} slices, image has {mrf.shape[2]}", main_sidecar
         )
 
-    t2w_img, t2w = load_image(key, files["t2w"], "T2w image")
-    if t2w.ndim != 3:
-        raise InputError(key, f"T2w image must be 3D, got {t2w.ndim}D", files["t2w"])
-    _check_values(key, t2w, files["t2w"], "T2w image")
-    _check_orientation(key, t2w_img, files["t2w"], "T2w image", identity=False)
-    frac = overlap_fraction(mrf_img, t2w_img)
-    if frac < 0.5:
-        raise InputError(key, f"MRF and T2w fields of view overlap by only {frac:.0%}", files["t2w"])
+    t2w_img, t2w = _load_anatomical(key, files["t2w"], "T2w image")
+    frac = _check_overlap(key, mrf_img, t2w_img, "MRF", files["t2w"])
     fov_mrf, fov_t2w = inplane_fov_mm(mrf_img), inplane_fov_mm(t2w_img)
     ratio = fov_mrf / fov_t2w
     if np.any(ratio > FOV_RATIO_TOLERANCE) or np.any(ratio < 1 / FOV_RATIO_TOLERANCE):
@@ -304,14 +316,8 @@ def check_subject(
             f"{fov_t2w[0]:.0f} x {fov_t2w[1]:.0f} mm (voxel size or orientation wrong?)", files["mrf"]
         )
 
-    flair_img, flair = load_image(key, files["flair"], "FLAIR image")
-    if flair.ndim != 3:
-        raise InputError(key, f"FLAIR image must be 3D, got {flair.ndim}D", files["flair"])
-    _check_values(key, flair, files["flair"], "FLAIR image")
-    _check_orientation(key, flair_img, files["flair"], "FLAIR image", identity=False)
-    frac_flair = overlap_fraction(flair_img, t2w_img)
-    if frac_flair < 0.5:
-        raise InputError(key, f"FLAIR and T2w fields of view overlap by only {frac_flair:.0%}", files["flair"])
+    flair_img, flair = _load_anatomical(key, files["flair"], "FLAIR image")
+    _check_overlap(key, flair_img, t2w_img, "FLAIR", files["flair"])
 
     mask_img, mask = load_image(key, files["lesion"], "lesion mask")
     if mask.ndim != 3:

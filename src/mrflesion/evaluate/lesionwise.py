@@ -55,7 +55,8 @@ their detection rate (NaN for a group without lesions).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -150,18 +151,39 @@ def lesion_f1(n_ref: int, n_ref_detected: int, n_pred: int, n_pred_true: int) ->
     return 2 * a * b / (a * n_pred + b * n_ref)
 
 
-# --------------------------------------------------------------------------- rule A
+class _Matched(NamedTuple):
+    """The kept components of a reference and a prediction (labels 1..n, n, sizes in voxels of labels
+    1..n) and their :func:`_overlap_table`."""
+
+    ref_labels: np.ndarray
+    n_ref: int
+    ref_sizes: np.ndarray
+    pred_labels: np.ndarray
+    n_pred: int
+    pred_sizes: np.ndarray
+    table: sparse.csr_matrix
 
 
-def _rule_a(pred_bin, ref_bin, voxel_ml, min_ml, connectivity):
+def _match_components(
+    pred_bin: np.ndarray, ref_bin: np.ndarray, components: Callable[[np.ndarray], tuple[np.ndarray, int, np.ndarray]]
+) -> _Matched:
+    """Binarise two masks of the same shape, find the ``components`` of each (reference first), and
+    tabulate their overlap."""
     pred = np.asarray(pred_bin).astype(bool, copy=False)
     ref = np.asarray(ref_bin).astype(bool, copy=False)
     if pred.shape != ref.shape:
         raise ValueError(f"shape mismatch: prediction {pred.shape} vs reference {ref.shape}")
-    ref_labels, n_ref, ref_sizes = clean_components(ref, voxel_ml, min_ml, connectivity)
-    pred_labels, n_pred, pred_sizes = clean_components(pred, voxel_ml, min_ml, connectivity)
+    ref_labels, n_ref, ref_sizes = components(ref)
+    pred_labels, n_pred, pred_sizes = components(pred)
     table = _overlap_table(ref_labels, n_ref, pred_labels, n_pred)
-    return ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table
+    return _Matched(ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table)
+
+
+# --------------------------------------------------------------------------- rule A
+
+
+def _rule_a(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: float, connectivity: int) -> _Matched:
+    return _match_components(pred_bin, ref_bin, lambda m: clean_components(m, voxel_ml, min_ml, connectivity))
 
 
 def lesionwise_metrics(
@@ -335,21 +357,16 @@ def msseg_detection(
     Keys: n_ref, n_pred, tp_ref (detected reference lesions), fn, tp_pred (true-positive predicted
     components), fp, sensitivity, ppv, precision (= ppv), f1.
     """
-    pred = np.asarray(pred_bin).astype(bool, copy=False)
-    ref = np.asarray(ref_bin).astype(bool, copy=False)
-    if pred.shape != ref.shape:
-        raise ValueError(f"shape mismatch: prediction {pred.shape} vs reference {ref.shape}")
     min_vox = _min_voxels(min_mm3, voxel_mm3)
 
-    def components(mask):
+    def components(mask: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
         labels, n = label_components(mask, connectivity)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        labels, n, _ = _relabel_kept(labels, n, sizes >= min_vox)
-        return labels, n
+        keep = sizes >= min_vox
+        labels, n, _ = _relabel_kept(labels, n, keep)
+        return labels, n, sizes[keep]
 
-    ref_labels, n_ref = components(ref)
-    pred_labels, n_pred = components(pred)
-    table = _overlap_table(ref_labels, n_ref, pred_labels, n_pred)
+    _, n_ref, _, _, n_pred, _, table = _match_components(pred_bin, ref_bin, components)
     tp_ref = int(_detected_rows(table, alpha, beta, gamma).sum()) if n_ref and n_pred else 0
     tp_pred = int(_detected_rows(table.T.tocsr(), alpha, beta, gamma).sum()) if n_ref and n_pred else 0
     nan = math.nan

@@ -127,22 +127,25 @@ def iou(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if den == 0 else _ratio(c["tp"], den)
 
 
+def _hit_rate(tp: int, misses: int, other: int) -> float:
+    """TP / (TP + ``misses``) of one side (prediction or reference); when that side is empty, 1.0 if the
+    ``other`` side's misses are 0 too (both masks empty), else 0.0."""
+    den = tp + misses
+    if den == 0:
+        return 1.0 if other == 0 else 0.0
+    return _ratio(tp, den)
+
+
 def precision(pred: np.ndarray, ref: np.ndarray) -> float:
     """TP / (TP + FP); 1.0 if both are empty, 0.0 if the prediction is empty and the reference is not."""
     c = confusion(pred, ref)
-    den = c["tp"] + c["fp"]
-    if den == 0:
-        return 1.0 if c["fn"] == 0 else 0.0
-    return _ratio(c["tp"], den)
+    return _hit_rate(c["tp"], c["fp"], c["fn"])
 
 
 def recall(pred: np.ndarray, ref: np.ndarray) -> float:
     """TP / (TP + FN) (sensitivity); 1.0 if both are empty, 0.0 if the reference is empty and the prediction is not."""
     c = confusion(pred, ref)
-    den = c["tp"] + c["fn"]
-    if den == 0:
-        return 1.0 if c["fp"] == 0 else 0.0
-    return _ratio(c["tp"], den)
+    return _hit_rate(c["tp"], c["fn"], c["fp"])
 
 
 def accuracy(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -373,6 +373,19 @@ class _Row:
     contours: tuple[tuple[np.ndarray, str], ...] = ()  # further outlines (mask, colour)
 
 
+def _grey_row(
+    volume: np.ndarray,
+    zs: Sequence[int],
+    title: str,
+    window: tuple[float, float] | None = None,
+    **overlay: Any,
+) -> _Row:
+    """The mosaic row of ``volume`` at slices ``zs`` in grey, in ``window`` (default: its
+    :func:`robust_window`); ``overlay``: further :class:`_Row` fields (overlay, outlines)."""
+    lo, hi = robust_window(volume) if window is None else window
+    return _Row(mosaic(volume, zs), title, vmin=lo, vmax=hi, **overlay)
+
+
 def _mosaic_figure(
     rows: Sequence[_Row], legend: Sequence[tuple[str, str]] = (), max_w: float = 8.7, max_h: float = 2.6
 ) -> str:
@@ -459,14 +472,8 @@ def _qc_section(qc: Mapping[str, np.ndarray]) -> str:
         vol = _as3d(qc[name])
         zs = slice_indices(vol)
         lo, hi = robust_window(vol)
-        rows.append(
-            _Row(
-                mosaic(vol, zs),
-                f"{name}: slices {', '.join(map(str, zs))} (window {lo:.4g}–{hi:.4g})",
-                vmin=lo,
-                vmax=hi,
-            )
-        )
+        caption = f"{name}: slices {', '.join(map(str, zs))} (window {lo:.4g}–{hi:.4g})"
+        rows.append(_grey_row(vol, zs, caption, (lo, hi)))
     return _img(_mosaic_figure(rows), "QC mosaics of the input images")
 
 
@@ -763,13 +770,11 @@ def _lead_section(r: SubjectReport) -> str:
         pred_m = mosaic(pred.astype(np.float64), zs)
         rows = []
         for label, vol in underlays:
-            lo, hi = robust_window(vol)
             rows.append(
-                _Row(
-                    mosaic(vol, zs),
+                _grey_row(
+                    vol,
+                    zs,
                     f"{net.name}: lesion probability over {label}, slices {where}",
-                    vmin=lo,
-                    vmax=hi,
                     overlay=prob_m,
                     overlay_cmap="autumn",
                     overlay_alpha=0.55,
@@ -1259,30 +1264,8 @@ def write_group_report(
     curves: pd.DataFrame | None,
     provenance: Mapping[str, str] | None,
     path: str | os.PathLike[str],
-    *,
-    title: str = "mrflesion group report",
-    notes: Sequence[str] = (),
-    metrics: pd.DataFrame | None = None,
-    overview: pd.DataFrame | None = None,
-    lead: str | None = None,
-    networks: Sequence[str] = (),
-    reference: str | None = None,
-    threshold: float | None = None,
-    overview_caption: str = "",
+    **options: Any,
 ) -> Path:
-    """Render (:func:`render_group_report`) and write the group report atomically; returns the path."""
-    page = render_group_report(
-        tables,
-        curves,
-        provenance,
-        title=title,
-        notes=notes,
-        metrics=metrics,
-        overview=overview,
-        lead=lead,
-        networks=networks,
-        reference=reference,
-        threshold=threshold,
-        overview_caption=overview_caption,
-    )
-    return _write_atomic(Path(path), page)
+    """Render (:func:`render_group_report`, whose keyword ``options`` it takes) and write the group report
+    atomically; returns the path."""
+    return _write_atomic(Path(path), render_group_report(tables, curves, provenance, **options))

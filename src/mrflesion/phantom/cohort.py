@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -173,54 +174,57 @@ def _write_session(
         write_nifti(truth_dir / name, data, affine, level)
         write_json(Path(sidecar_path(truth_dir / name)), side)
 
+    def truths(affine: np.ndarray, maps: Iterable[tuple[str, np.ndarray, str, str]]) -> None:
+        """Write truth maps (name, data, units, description) on the grid of ``affine``."""
+        for name, data, units, description in maps:
+            truth(name, data, affine, _truth_sidecar(units, description))
+
+    def weighted(
+        kind: str,
+        r: Rendered,
+        world: np.ndarray,
+        seq: dict[str, Any],
+        reference: float,
+        noise_stream: int,
+        scanning: str | list[str],
+        pulse: str,
+    ) -> None:
+        """Write the raw ``kind`` image (T2w or FLAIR) and its sidecar: the closed-form signal of ``r``
+        under ``seq`` times the session's gain and receive field (at the voxel centres ``world``), with
+        Rician noise of sd gain x ``reference`` / SNR; ``scanning``, ``pulse``: the sidecar's
+        ScanningSequence and PulseSequenceType."""
+        sp = spaces[kind]
+        gain = float(seq["gain"]) * ses.gain_factor
+        recv = 1.0 + ses.receive[kind](world.reshape(-1, 3)).reshape(sp.shape)
+        img = gain * recv * closed_form(r, kind, seq)
+        if noise:
+            rng = rng_for(subject.seed, subject.index, noise_stream, ses.stream)
+            img = rician(rng, img, gain * reference / float(seq["snr"]))
+        write_nifti(raw_dir / nm(kind), img.astype(np.float32), sp.affine, level)
+        times = {"EchoTime": seq["te_ms"] / 1000.0, "RepetitionTime": seq["tr_ms"] / 1000.0}
+        if "ti_ms" in seq:
+            times["InversionTime"] = seq["ti_ms"] / 1000.0
+        acquisition = {
+            "ScanningSequence": scanning,
+            "SequenceVariant": "NONE",
+            "MRAcquisitionType": "2D",
+            "PulseSequenceType": pulse,
+        }
+        write_json(raw_dir / nm(kind, ".json"), {**_sidecar_common(site_cfg), **times, **acquisition})
+
     # ------------------------------------------------------------ T2w (reference space)
     sp = spaces["T2w"]
     aff = sp.affine
     world_t = sp.world_centres()
     r_t = compose(subject, render(subject, sp, atlas, ses.lesions, extra_lesions=ses.previous_lesions))
     t2c = cfg["t2w"]
-    gain_t = float(t2c["gain"]) * ses.gain_factor
-    recv_t = 1.0 + ses.receive["T2w"](world_t.reshape(-1, 3)).reshape(sp.shape)
     wm = cfg["tissues"]["WM"]
     nominal = {k: float(np.mean(wm[k])) for k in ("t1", "t2", "pd")}
     from .tissue import inversion_recovery, spin_echo
 
     ref_t2w = float(spin_echo(nominal["pd"], nominal["t1"], nominal["t2"], t2c["tr_ms"], t2c["te_ms"]))
-    img = gain_t * recv_t * closed_form(r_t, "T2w", t2c)
-    if noise:
-        img = rician(
-            rng_for(subject.seed, subject.index, _S_NOISE_T2W, ses.stream),
-            img,
-            gain_t * ref_t2w / float(t2c["snr"]),
-        )
-    write_nifti(raw_dir / nm("T2w"), img.astype(np.float32), aff, level)
-    write_json(
-        raw_dir / nm("T2w", ".json"),
-        {
-            **_sidecar_common(site_cfg),
-            "EchoTime": t2c["te_ms"] / 1000.0,
-            "RepetitionTime": t2c["tr_ms"] / 1000.0,
-            "ScanningSequence": "SE",
-            "SequenceVariant": "NONE",
-            "MRAcquisitionType": "2D",
-            "PulseSequenceType": "Spin Echo (simulated)",
-        },
-    )
+    weighted("T2w", r_t, world_t, t2c, ref_t2w, _S_NOISE_T2W, "SE", "Spin Echo (simulated)")
     m0_t = r_t.truth("pd") * subject.mrf_gain * ses.gain_factor
-    truth(nm("T1map", space="T2w"), r_t.truth("t1"), aff, _truth_sidecar("ms", "True T1. " + _DOMINANT))
-    truth(nm("T2starmap", space="T2w"), r_t.truth("t2s"), aff, _truth_sidecar("ms", "True T2*. " + _DOMINANT))
-    truth(nm("T2map", space="T2w"), r_t.truth("t2"), aff, _truth_sidecar("ms", "True T2. " + _DOMINANT))
-    b1_t = r_t.b1.astype(np.float32)
-    truth(
-        nm("TB1map", space="T2w"),
-        b1_t,
-        aff,
-        _truth_sidecar(
-            "1",
-            "Transmit B1 scale (1 = nominal flip angle) experienced during the MRF scan, "
-            "defined everywhere in the field of view.",
-        ),
-    )
     truth(
         nm("M0map", space="T2w"),
         m0_t.astype(np.float32),
@@ -234,33 +238,25 @@ def _write_session(
             "Gain": subject.mrf_gain * ses.gain_factor,
         },
     )
-    for t in ("GM", "WM", "CSF"):
-        frac = r_t.wm_total if t == "WM" else r_t.fractions[t]
-        desc = (
-            "Volume fraction of "
-            + t
-            + (" (including lesion tissue; NAWM = WM - lesion)" if t == "WM" else "")
-        )
-        truth(nm("probseg", space="T2w", label=t), frac.astype(np.float32), aff, _truth_sidecar("1", desc))
-    truth(
-        nm("probseg", space="T2w", label="lesion"),
-        r_t.fractions["lesion"].astype(np.float32),
-        aff,
-        _truth_sidecar("1", "Volume fraction of lesion tissue."),
-    )
     les_t = r_t.label("lesion")
-    truth(
-        nm("mask", space="T2w", label="lesion"),
-        les_t,
-        aff,
-        _truth_sidecar("1", "True lesions: voxels where lesion tissue is the dominant component."),
-    )
-    truth(
-        nm("mask", space="T2w", desc="brain"),
-        (r_t.brain >= 0.5).astype(np.uint8),
-        aff,
-        _truth_sidecar("1", "Brain mask: brain (GM+WM+CSF) fraction >= 0.5."),
-    )
+    fractions_t = {t: r_t.wm_total if t == "WM" else r_t.fractions[t] for t in ("GM", "WM", "CSF")}
+    wm_note = " (including lesion tissue; NAWM = WM - lesion)"
+    truths(aff, [
+        (nm("T1map", space="T2w"), r_t.truth("t1"), "ms", "True T1. " + _DOMINANT),
+        (nm("T2starmap", space="T2w"), r_t.truth("t2s"), "ms", "True T2*. " + _DOMINANT),
+        (nm("T2map", space="T2w"), r_t.truth("t2"), "ms", "True T2. " + _DOMINANT),
+        (nm("TB1map", space="T2w"), r_t.b1.astype(np.float32), "1",
+         "Transmit B1 scale (1 = nominal flip angle) experienced during the MRF scan, "
+         "defined everywhere in the field of view."),
+        *((nm("probseg", space="T2w", label=t), frac.astype(np.float32), "1",
+           "Volume fraction of " + t + (wm_note if t == "WM" else "")) for t, frac in fractions_t.items()),
+        (nm("probseg", space="T2w", label="lesion"), r_t.fractions["lesion"].astype(np.float32), "1",
+         "Volume fraction of lesion tissue."),
+        (nm("mask", space="T2w", label="lesion"), les_t, "1",
+         "True lesions: voxels where lesion tissue is the dominant component."),
+        (nm("mask", space="T2w", desc="brain"), (r_t.brain >= 0.5).astype(np.uint8), "1",
+         "Brain mask: brain (GM+WM+CSF) fraction >= 0.5."),
+    ])
     if ses.previous_lesions is not None:
         newm = (les_t > 0) & (r_t.extra < 0.5 * r_t.fractions["lesion"])
         truth(
@@ -327,77 +323,31 @@ def _write_session(
         },
     )
     aff = sp.affine
-    truth(
-        nm("T1map", space="MRF"),
-        r_m.truth("t1"),
-        aff,
-        _truth_sidecar("ms", "True T1 in MRF space. " + _DOMINANT),
-    )
-    truth(
-        nm("T2starmap", space="MRF"),
-        r_m.truth("t2s"),
-        aff,
-        _truth_sidecar("ms", "True T2* in MRF space. " + _DOMINANT),
-    )
-    truth(
-        nm("TB1map", space="MRF"),
-        r_m.b1.astype(np.float32),
-        aff,
-        _truth_sidecar("1", "Transmit B1 scale used to simulate each MRF voxel."),
-    )
     m0_m = (r_m.truth("pd") * scale).astype(np.float32)
-    truth(
-        nm("M0map", space="MRF"),
-        m0_m,
-        aff,
-        _truth_sidecar(
-            "arbitrary",
-            "M0 that pattern matching should return: proton density of the dominant component x MRF "
-            "gain x receive bias x EPI Jacobian (1 + d(displacement)/dy). For a pure voxel the noise-free "
-            "MRF series equals M0 * simulate(T1, T2*, B1). " + _DOMINANT,
-        ),
-    )
-    for t in ("GM", "WM", "CSF"):
-        frac = r_m.wm_total if t == "WM" else r_m.fractions[t]
-        truth(
-            nm("probseg", space="MRF", label=t),
-            frac.astype(np.float32),
-            aff,
-            _truth_sidecar("1", f"Volume fraction of {t} seen by each (distorted) MRF voxel."),
-        )
-    truth(
-        nm("probseg", space="MRF", label="lesion"),
-        r_m.fractions["lesion"].astype(np.float32),
-        aff,
-        _truth_sidecar("1", "Volume fraction of lesion tissue seen by each MRF voxel."),
-    )
-    truth(
-        nm("mask", space="MRF", label="lesion"),
-        r_m.label("lesion"),
-        aff,
-        _truth_sidecar("1", "True lesions in MRF space (dominant component)."),
-    )
-    truth(
-        nm("noisesigma", space="MRF"),
-        sigma,
-        aff,
-        _truth_sidecar(
-            "arbitrary",
-            "Standard deviation of the Gaussian noise in each of the real and imaginary channels "
-            "before the magnitude (Rician noise), same units as the MRF images.",
-        ),
-    )
-    truth(
-        nm("xfm", space="MRF", desc="pedisplacement"),
-        disp.astype(np.float32),
-        aff,
-        _truth_sidecar(
-            "mm",
-            "EPI displacement along the phase-encode axis (j = +y, voxel axis 1) in MRF space, pull "
-            "convention: MRF voxel at world y shows the (undistorted) anatomy at y + d. Intensities are "
-            "multiplied by the Jacobian 1 + dd/dy.",
-        ),
-    )
+    fractions_m = {t: r_m.wm_total if t == "WM" else r_m.fractions[t] for t in ("GM", "WM", "CSF")}
+    truths(aff, [
+        (nm("T1map", space="MRF"), r_m.truth("t1"), "ms", "True T1 in MRF space. " + _DOMINANT),
+        (nm("T2starmap", space="MRF"), r_m.truth("t2s"), "ms", "True T2* in MRF space. " + _DOMINANT),
+        (nm("TB1map", space="MRF"), r_m.b1.astype(np.float32), "1",
+         "Transmit B1 scale used to simulate each MRF voxel."),
+        (nm("M0map", space="MRF"), m0_m, "arbitrary",
+         "M0 that pattern matching should return: proton density of the dominant component x MRF "
+         "gain x receive bias x EPI Jacobian (1 + d(displacement)/dy). For a pure voxel the noise-free "
+         "MRF series equals M0 * simulate(T1, T2*, B1). " + _DOMINANT),
+        *((nm("probseg", space="MRF", label=t), frac.astype(np.float32), "1",
+           f"Volume fraction of {t} seen by each (distorted) MRF voxel.") for t, frac in fractions_m.items()),
+        (nm("probseg", space="MRF", label="lesion"), r_m.fractions["lesion"].astype(np.float32), "1",
+         "Volume fraction of lesion tissue seen by each MRF voxel."),
+        (nm("mask", space="MRF", label="lesion"), r_m.label("lesion"), "1",
+         "True lesions in MRF space (dominant component)."),
+        (nm("noisesigma", space="MRF"), sigma, "arbitrary",
+         "Standard deviation of the Gaussian noise in each of the real and imaginary channels "
+         "before the magnitude (Rician noise), same units as the MRF images."),
+        (nm("xfm", space="MRF", desc="pedisplacement"), disp.astype(np.float32), "mm",
+         "EPI displacement along the phase-encode axis (j = +y, voxel axis 1) in MRF space, pull "
+         "convention: MRF voxel at world y shows the (undistorted) anatomy at y + d. Intensities are "
+         "multiplied by the Jacobian 1 + dd/dy."),
+    ])
     write_json(
         truth_dir / nm("xfm", ".json", **{"from": "MRF", "to": "T2w", "mode": "image"}),
         {
@@ -419,32 +369,10 @@ def _write_session(
     world_f = sp.world_centres()
     r_f: Rendered = compose(subject, render(subject, sp, atlas, ses.lesions))
     fc = cfg["flair"]
-    gain_f = float(fc["gain"]) * ses.gain_factor
-    recv_f = 1.0 + ses.receive["FLAIR"](world_f.reshape(-1, 3)).reshape(sp.shape)
     ref_f = float(
         inversion_recovery(nominal["pd"], nominal["t1"], nominal["t2"], fc["tr_ms"], fc["ti_ms"], fc["te_ms"])
     )
-    img = gain_f * recv_f * closed_form(r_f, "FLAIR", fc)
-    if noise:
-        img = rician(
-            rng_for(subject.seed, subject.index, _S_NOISE_FLAIR, ses.stream),
-            img,
-            gain_f * ref_f / float(fc["snr"]),
-        )
-    write_nifti(raw_dir / nm("FLAIR"), img.astype(np.float32), aff, level)
-    write_json(
-        raw_dir / nm("FLAIR", ".json"),
-        {
-            **_sidecar_common(site_cfg),
-            "EchoTime": fc["te_ms"] / 1000.0,
-            "RepetitionTime": fc["tr_ms"] / 1000.0,
-            "InversionTime": fc["ti_ms"] / 1000.0,
-            "ScanningSequence": ["SE", "IR"],
-            "SequenceVariant": "NONE",
-            "MRAcquisitionType": "2D",
-            "PulseSequenceType": "FLAIR (simulated)",
-        },
-    )
+    weighted("FLAIR", r_f, world_f, fc, ref_f, _S_NOISE_FLAIR, ["SE", "IR"], "FLAIR (simulated)")
     les_f = r_f.label("lesion")
     truth(
         nm("mask", space="FLAIR", label="lesion"),
