@@ -8,7 +8,9 @@ the equally deformed shipped map.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "2"
 
@@ -17,7 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from mrflesion import tissue  # noqa: E402
+from mrflesion import anat_steps, layout, tissue  # noqa: E402
 
 
 def deform(arrays: list[np.ndarray], seed: int, amp_vox: float = 2.0, sigma_vox: float = 6.0
@@ -103,14 +105,19 @@ def test_synthetic_t1map(mni2mm, tmp_path) -> None:
     lesion = np.zeros(t1.shape, np.uint8)
     lesion[55:60, 60:65, 45:50] = 1
     nib.save(nib.Nifti1Image(lesion, aff), tmp_path / "lesion.nii.gz")
-    out = tissue.run_tissue(path, tmp_path / "out" / "sub-01_space-T2w", lesion_mask=tmp_path / "lesion.nii.gz",
-                            image_kind="T1map")
+    out = layout.derivatives("tissue", str(tmp_path / "out"), stem="sub-01", keys=("GM", "WM", "CSF", "NAWM"))
+    res = anat_steps.tissue_maps(str(path), None, str(tmp_path / "lesion.nii.gz"), out)  # the rule's body
     p = {k: nib.load(out[k]).get_fdata() for k in ("GM", "WM", "CSF", "NAWM")}
-    assert (tmp_path / "out" / "sub-01_space-T2w_label-NAWM_probseg.json").exists()
+    side = json.loads(Path(layout.sidecar_path(out["NAWM"])).read_text())
+    assert side["Sources"] == [str(path), "nilearn:MNI152 2009 GM/WM/brain mask (priors)",
+                               str(tmp_path / "lesion.nii.gz")]
+    assert side["MaskVoxels"] == res["mask_voxels"] > 0 and "write" in side["TimingsSeconds"]
+    hdr = nib.load(out["GM"]).header
+    assert hdr.get_data_dtype() == np.float32 and np.allclose(hdr.get_best_affine(), aff)
     assert p["NAWM"][lesion > 0].max() == 0
     d = {k: dice(p[k] > 0.8, t > 0.8) for k, t in (("GM", gm), ("WM", wm), ("CSF", csf))}
     d50 = {k: dice(p[k] > 0.5, t > 0.5) for k, t in (("GM", gm), ("WM", wm))}
-    timings = out["timings"]
+    timings = res["timings"]
     print(f"\nsynthetic T1 map (2 mm, deformed, 3 % noise): Dice@80% GM {d['GM']:.3f} WM {d['WM']:.3f} "
           f"CSF {d['CSF']:.3f}; Dice@50% GM {d50['GM']:.3f} WM {d50['WM']:.3f}; "
           f"timings {{{', '.join(f'{k}: {v:.1f}' for k, v in timings.items())}}}")

@@ -30,7 +30,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_path, write_json
+from .io import write_derivative, write_json
 from .layout import sidecar_path, stem_of_path
 from .steps import reads
 
@@ -40,21 +40,6 @@ MAP_UNITS = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip ang
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 3) for k, v in timings.items()}
-
-
-def _save_like(data: Any, ref_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-               dtype: Any) -> None:
-    import nibabel as nib
-    import numpy as np
-
-    ref = nib.load(os.fspath(ref_path))
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), ref.affine)
-    img.set_data_dtype(dtype)
-    img.set_qform(ref.affine, code=1)
-    img.set_sform(ref.affine, code=1)
-    img.header.set_xyzt_units("mm")
-    with atomic_path(out_path) as tmp:
-        nib.save(img, os.fspath(tmp))
 
 
 # ---------------------------------------------------------------------------------- registration
@@ -95,19 +80,17 @@ def register_mrf_to_t2w(
     with tempfile.TemporaryDirectory(prefix="mrflesion_apply_") as folder:
         app = uncompressed(res, folder)
         t0 = time.perf_counter()  # the series first: a pool shares it from the start
-        with atomic_path(out["MRF"]) as tmp:
-            apply_to_t2w(mrf, app, t2w, tmp, interpolation="bSpline", rigid_only=not mrf_full_transform,
-                         clip_negative=True, threads=threads, pool=pool)
+        apply_to_t2w(mrf, app, t2w, out["MRF"], interpolation="bSpline", rigid_only=not mrf_full_transform,
+                     clip_negative=True, threads=threads, pool=pool)
         timings["apply_MRF"] = time.perf_counter() - t0
         for key in MAP_KEYS:
             t0 = time.perf_counter()
-            with atomic_path(out[key]) as tmp:
-                apply_to_t2w(maps[key], app, t2w, tmp, interpolation="bSpline", rigid_only=False,
-                             clip_negative=True, threads=threads)
+            apply_to_t2w(maps[key], app, t2w, out[key], interpolation="bSpline", rigid_only=False,
+                         clip_negative=True, threads=threads)
             timings[f"apply_{key}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask = mask_to_t2w(mrf_mask, app, t2w, None, threshold=0.5, threads=threads)
-        _save_like(mask, t2w, out["mask"], "uint8")
+        write_derivative(out["mask"], mask, t2w, dtype="uint8")
         timings["apply_mask"] = time.perf_counter() - t0
     return {"result": res, "timings": timings, "mask_voxels": int(mask.sum())}
 
@@ -230,12 +213,12 @@ def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_l
     timings["register"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     m = mask_to_t2w(lesion, res, t2w, None, threshold=0.5, threads=threads)
-    _save_like(m, t2w, out_lesion, "uint8")
+    write_derivative(out_lesion, m, t2w, dtype="uint8")
     timings["apply_lesion"] = time.perf_counter() - t0
     if out_flair is not None:
         t0 = time.perf_counter()
         img = np.clip(image_to_t2w(flair, res, t2w, "bSpline", threads), 0.0, None)
-        _save_like(img, t2w, out_flair, "float32")
+        write_derivative(out_flair, img, t2w, dtype="float32")
         timings["apply_flair"] = time.perf_counter() - t0
     return {"result": res, "timings": timings, "lesion_voxels": int(m.sum())}
 
@@ -265,7 +248,9 @@ def register_flair(smk: Any, info: dict[str, Any] | None = None) -> None:
 # ---------------------------------------------------------------------------------- tissue
 def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dict[str, str],
                 method: str = "em", prior_fwhm_mm: float = 6.0, threads: int = 2) -> dict[str, Any]:
-    """GM / WM / CSF / NAWM probabilities (0-1) of a T2w-space T1 map; writes ``out[GM|WM|CSF|NAWM]``."""
+    """GM / WM / CSF / NAWM probabilities (0-1) of a T2w-space T1 map (:func:`mrflesion.tissue.segment`,
+    NAWM: :func:`mrflesion.tissue.nawm` outside ``lesion``); writes ``out[GM|WM|CSF|NAWM]`` (float32, the
+    T1 map's grid) and their sidecars. Returns the timings (seconds), the fit and the brain-mask size."""
     import nibabel as nib
     import numpy as np
 
@@ -281,33 +266,34 @@ def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dic
     maps = {k: probs[k] for k in TISSUES}
     maps["NAWM"] = nawm(probs["WM"], les)
     for k, arr in maps.items():
-        _save_like(arr, t1map, out[k], "float32")
+        write_derivative(out[k], arr, t1map, dtype="float32")
     timings["write"] = time.perf_counter() - t0
-    return {"timings": timings, "info": info, "mask_voxels": int(probs["mask"].sum())}
-
-
-def tissue(smk: Any) -> None:
-    """Rule ``tissue``: SPM-style tissue probabilities in T2w space."""
-    cfg = smk.params.cfg
-    f = reads(smk)
-    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM")}
-    res = tissue_maps(f["T1"], f["mask"], f["lesion"], out, method=str(cfg["method"]),
-                      prior_fwhm_mm=float(cfg["prior_fwhm_mm"]), threads=int(smk.threads))
-    timings = _rounded(res["timings"])
-    fit = {k: v for k, v in res["info"].items() if isinstance(v, str | int | float | list | dict)}
-    sources = [f["T1"], f["mask"], "nilearn:MNI152 2009 GM/WM/brain mask (priors)"]
-    for k, path in out.items():
+    mask_voxels = int(probs["mask"].sum())
+    rounded = _rounded(timings)
+    fit = {k: v for k, v in info.items() if isinstance(v, str | int | float | list | dict)}
+    sources = [t1map, *([] if brain_mask is None else [brain_mask]), "nilearn:MNI152 2009 GM/WM/brain mask (priors)"]
+    for k in maps:
         desc = (f"{k} probability (posterior expected tissue fraction) from the T2w-space T1 map: "
-                f"MNI152 priors (FWHM {cfg['prior_fwhm_mm']} mm) + {cfg['method']} mixture with "
+                f"MNI152 priors (FWHM {prior_fwhm_mm} mm) + {method} mixture with "
                 "partial-volume classes and bias field")
         src = sources
         if k == "NAWM":
             desc = "Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask"
-            src = [*sources, f["lesion"]]
-        write_json(sidecar_path(path), {"Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src,
-                                      "Method": str(cfg["method"]), "Fit": fit,
-                                      "MaskVoxels": res["mask_voxels"], "TimingsSeconds": timings})
-    print(f"tissue: {timings}")
+            src = [*sources, *([] if lesion is None else [lesion])]
+        write_json(sidecar_path(out[k]), {"Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src,
+                                          "Method": str(method), "Fit": fit,
+                                          "MaskVoxels": mask_voxels, "TimingsSeconds": rounded})
+    return {"timings": timings, "info": info, "mask_voxels": mask_voxels}
+
+
+def tissue(smk: Any) -> None:
+    """Rule ``tissue``: SPM-style tissue probabilities in T2w space, then the classical lesion baseline."""
+    cfg = smk.params.cfg
+    f = reads(smk)
+    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM")}
+    res = tissue_maps(f["T1"], f["mask"], f["lesion"], out, method=str(cfg["method"]),
+                      prior_fwhm_mm=cfg["prior_fwhm_mm"], threads=int(smk.threads))
+    print(f"tissue: {_rounded(res['timings'])}")
     baseline_map(f["T1"], f["T2star"], {k: out[k] for k in ("WM", "GM", "CSF")}, f["mask"], smk.output.baseline)
 
 
@@ -326,7 +312,7 @@ def baseline_map(t1: str, t2star: str, tissue: dict[str, str], mask: str, out: s
                               np.asarray(nib.load(t2star).dataobj, dtype=np.float32),
                               arr["WM"], arr["GM"], arr["CSF"], np.asarray(nib.load(mask).dataobj) > 0,
                               img.header.get_zooms()[:3])
-    _save_like(prob, t1, out, "float32")
+    write_derivative(out, prob, img, dtype="float32")
     seconds = round(time.perf_counter() - t0, 3)
     write_json(sidecar_path(out), {
         "Description": "Classical lesion baseline (no deep learning): outliers of log T1 and log T2* against "

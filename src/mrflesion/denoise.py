@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from .device import resolve_device
-from .io import save_nifti
+from .io import write_derivative
 
 __all__ = ["mppca", "denoise_file", "resolve_device"]
 
@@ -524,19 +524,8 @@ def denoise_file(
     den, sigma = mppca(data, mask=mask, patch_radius=patch_radius, device=str(dev), exact=exact)
     runtime = time.perf_counter() - t0
 
-    hdr = img.header.copy()
-    hdr.set_data_dtype(np.float32)
-    hdr["scl_slope"], hdr["scl_inter"] = 1.0, 0.0
-    save_nifti(nib.Nifti1Image(den.astype(np.float32), img.affine, hdr), Path(out_path))
-    shdr = img.header.copy()
-    shdr.set_data_shape(sigma.shape)
-    shdr.set_data_dtype(np.float32)
-    shdr["scl_slope"], shdr["scl_inter"] = 1.0, 0.0
-    if "pixdim" in shdr:
-        pix = shdr["pixdim"].copy()
-        pix[4:] = 1.0
-        shdr["pixdim"] = pix
-    save_nifti(nib.Nifti1Image(sigma.astype(np.float32), img.affine, shdr), Path(sigma_path))
+    write_derivative(out_path, den, img, dtype=np.float32)  # the series' grid and time step
+    write_derivative(sigma_path, sigma, img, dtype=np.float32)
 
     inside = mask if mask is not None else np.ones(sigma.shape, dtype=bool)
     vals = sigma[inside & (sigma > 0)]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io import write_json, write_text
+from .io import write_derivative, write_json, write_text
 from .layout import COHORT, MODELS, TEMPLATES, WORK, derivative, derivatives, file, sidecar_path
 from .learn_steps import TRAIN_IMAGES, needed_images, ready_file
 
@@ -90,7 +90,6 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
     output paths and timings."""
     import nibabel as nib
 
-    from .io import save_nifti
     from .learn import checkpoint
     from .learn.infer import infer_subject
 
@@ -108,10 +107,7 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
                                   overlap=float(cfg["overlap"]), device=str(cfg["device"]),
                                   threads=threads, cache=cache)
         for name, vol in outs.items():
-            img = nib.Nifti1Image(vol.astype(np.float32), ref.affine)
-            img.header.set_xyzt_units("mm")
-            save_nifti(img, paths[name])
-            write_json(sidecar_path(paths[name]), {
+            write_derivative(paths[name], vol, ref, dtype=np.float32, sidecar={
                 "Description": f"U-net {rec['network']}: {name}",
                 "Units": UNITS[name],
                 "Space": "T2w",
@@ -423,7 +419,7 @@ def evaluate_subject(smk: Any) -> None:
         provenance=provenance(p.config), truth_metrics=truth,
         lead=p.lead, flair=flair,
         voxel_ml=float(np.prod(np.asarray(zooms, dtype=np.float64))) / 1000.0,
-        lesion_quant=quant_report_table(quant), lesion_quant_caption=quant_caption(quant_side),
+        lesion_quant=quant_report_table(quant, p.lead), lesion_quant_caption=quant_caption(quant_side, p.lead),
         model_cards=cards,
     )
     write_subject_report(report, smk.output.report)
@@ -442,7 +438,7 @@ def check_weights(network: str, weights: str, entry: Mapping[str, Any] | None) -
 
 #: Columns of the per-lesion table shown in the subject report (the TSV has them all).
 QUANT_REPORT_COLUMNS = ["source", "lesion", "volume_ml", "location", "T1_mean", "T1_mean_ratio", "T2star_mean",
-                        "T2star_mean_ratio", "B1_mean", "T1_median", "T2star_median"]
+                        "T2star_mean_ratio", "B1_mean"]
 
 
 def subject_lesion_quant(p: Any, manual: np.ndarray, outputs: Mapping[str, Mapping[str, np.ndarray]],
@@ -517,21 +513,27 @@ def subject_lesion_quant(p: Any, manual: np.ndarray, outputs: Mapping[str, Mappi
     return quant, sidecar
 
 
-def quant_report_table(quant: pd.DataFrame) -> pd.DataFrame:
+def quant_report_table(quant: pd.DataFrame, lead: str | None) -> pd.DataFrame:
+    """The report's per-lesion table: the manual mask's lesions and the lead network's (the TSV has every
+    network's and the baseline's; the baseline's specks would bury the lesions a reader looks for)."""
     cols = [c for c in QUANT_REPORT_COLUMNS if c in quant.columns]
     cols += [c for c in ("truth_location", "truth_T1_mean_ratio", "truth_T2star_mean_ratio") if c in quant.columns]
-    return quant[cols].reset_index(drop=True)
+    keep = quant["source"].isin(["manual", lead]) if "source" in quant.columns else slice(None)
+    return quant.loc[keep, cols].reset_index(drop=True)
 
 
-def quant_caption(side: Mapping[str, Any]) -> str:
+def quant_caption(side: Mapping[str, Any], lead: str | None) -> str:
     parts = []
     for source, how in side["Masks"].items():
+        if source not in ("manual", lead):
+            continue
         ref = how["nawm_reference"]
         where = (f"at threshold {how['threshold']:g}, lesions >= {how['min_lesion_ml']:g} ml ({how['operating_point']})"
                  if "threshold" in how else "manual mask")
         parts.append(f"{source}: {where}; NAWM T1 {ref['T1']:.0f} ms, T2* {ref['T2star']:.1f} ms, B1 {ref['B1']:.2f}")
     return ("Every lesion (26-connected) with the dictionary maps' mean over its voxels (CSF excluded) and the "
-            "ratio to the subject's NAWM median. " + "; ".join(parts) + ".")
+            "ratio to the subject's NAWM median. " + "; ".join(parts) + ". The other networks' and the "
+            "baseline's lesions, and the medians, are in sub-X" + TEMPLATES["evaluation"]["quant"].split("}")[-1] + ".")
 
 
 def _lesion_rows(les: pd.DataFrame) -> pd.DataFrame:

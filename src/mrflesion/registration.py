@@ -41,6 +41,8 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
 
 import ants  # noqa: E402
 
+from .io import write_derivative, write_text  # noqa: E402
+
 PathLike = str | os.PathLike[str]
 ImageLike = PathLike | nib.spatialimages.SpatialImage
 
@@ -112,22 +114,6 @@ def _to_ants(img: ImageLike | ants.ANTsImage) -> ants.ANTsImage:
     return nib_to_ants(data, nimg.affine)
 
 
-def _save(data: np.ndarray, ref: nib.spatialimages.SpatialImage, out_path: PathLike,
-          dtype: type | np.dtype = np.float32) -> Path:
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    hdr = ref.header.copy()
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), ref.affine, hdr)
-    img.set_data_dtype(dtype)
-    if data.ndim == 4:
-        zooms = tuple(ref.header.get_zooms()[:3]) + (1.0,)
-        img.header.set_zooms(zooms)
-    img.set_qform(ref.affine, code=1)
-    img.set_sform(ref.affine, code=1)
-    nib.save(img, os.fspath(out))
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Result container
 # --------------------------------------------------------------------------------------------------
@@ -173,7 +159,7 @@ class RegistrationResult:
     def to_json(self, path: PathLike) -> Path:
         """Write a small JSON description (paths, order, timings)."""
         out = Path(path)
-        out.write_text(json.dumps({
+        write_text(out, json.dumps({
             "Source": self.source,
             "Target": "T2w",
             "Rigid": os.fspath(self.rigid),
@@ -409,7 +395,7 @@ def apply_to_t2w(
     (T1, T2*, M0, B1 are all >= 0). ``pool``: a process pool that shares the volumes of a 4D series
     (in chunks of ``chunk``; this process takes the chunks the pool has not started, from the end), each
     volume resampled alike wherever it runs. Returns the resampled array and writes it to ``out_path``
-    (float32, T2w header) when given.
+    (float32, on the T2w grid: :func:`mrflesion.io.write_derivative`) when given.
     """
     set_threads(threads)
     interp = _INTERPOLATORS.get(interpolation.lower().replace("_", ""), interpolation)
@@ -443,7 +429,7 @@ def apply_to_t2w(
     if clip_negative:
         np.clip(out, 0.0, None, out=out)
     if out_path is not None:
-        _save(out, ref, out_path)
+        write_derivative(out_path, out, ref, dtype=np.float32, time_step=1.0 if out.ndim == 4 else None)
     return out
 
 
@@ -483,7 +469,7 @@ def mask_to_t2w(
     prob = image_to_t2w(mask_path, result, reference_t2w, "linear", threads, binary=True)
     out = (prob >= threshold).astype(np.uint8)
     if out_path is not None:
-        _save(out, load_image(reference_t2w), out_path, dtype=np.uint8)
+        write_derivative(out_path, out, load_image(reference_t2w), dtype=np.uint8)
     return out
 
 

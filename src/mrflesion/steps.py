@@ -17,7 +17,7 @@ import traceback
 from typing import Any
 
 from . import __version__
-from .io import write_json, write_text
+from .io import write_derivative, write_json, write_text
 from .layout import sidecar_path
 from .validate import InputError, check_subject
 from .workflow import version_info
@@ -153,16 +153,11 @@ def mrf_mask(mrf: str, out_mask: str, record: dict[str, Any] | None = None) -> i
     import nibabel as nib
     import numpy as np
 
-    from .io import atomic_path
     from .masking import series_brain_mask
 
     img = nib.load(mrf)
     mask = series_brain_mask(np.asarray(img.dataobj, dtype=np.float32))
-    out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
-    out.header.set_xyzt_units("mm")
-    with atomic_path(out_mask) as tmp:
-        out.to_filename(tmp)
-    _sidecar_for(out_mask, {
+    write_derivative(out_mask, mask, img, dtype=np.uint8, sidecar={
         "Type": "Brain", "Description": "Otsu threshold of the mean MRF image, largest component, holes filled",
         "Sources": [str(mrf)], "Voxels": int(mask.sum()), **(record or {}),
     })

@@ -26,14 +26,12 @@ outside.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -43,7 +41,6 @@ import ants  # noqa: E402
 
 from mrflesion.registration import (  # noqa: E402
     ImageLike,
-    PathLike,
     _registration,
     load_image,
     nib_to_ants,
@@ -482,47 +479,3 @@ def nawm(wm_prob: np.ndarray, lesion_mask: np.ndarray | None) -> np.ndarray:
     if lesion_mask is None:
         return wm.copy()
     return np.where(np.asarray(lesion_mask) > 0, 0.0, wm).astype(np.float32)
-
-
-def run_tissue(
-    image_path: ImageLike,
-    out_prefix: PathLike,
-    lesion_mask: ImageLike | None = None,
-    image_kind: ImageKind = "T1map",
-    brain_mask: ImageLike | None = None,
-    threads: int = 2,
-    **kwargs: object,
-) -> dict[str, object]:
-    """File-level wrapper: writes ``<out_prefix>_label-{GM,WM,CSF,NAWM}_probseg.nii.gz`` (0-1 float32).
-
-    ``out_prefix`` carries the entities, e.g. ``.../anat/sub-01_space-T2w``. Returns the written paths
-    (``"GM"``, ...) and ``"timings"`` (seconds per step).
-    """
-    img = load_image(image_path)
-    bm = None if brain_mask is None else np.asarray(load_image(brain_mask).dataobj) > 0
-    timings: dict[str, float] = {}
-    probs = segment(img, brain_mask=bm, image_kind=image_kind, threads=threads, timings=timings,
-                    **kwargs)  # type: ignore[arg-type]
-    les = None if lesion_mask is None else np.asarray(load_image(lesion_mask).dataobj) > 0
-    maps = {k: probs[k] for k in TISSUES}
-    maps["NAWM"] = nawm(probs["WM"], les)
-    out: dict[str, object] = {}
-    Path(os.fspath(out_prefix)).parent.mkdir(parents=True, exist_ok=True)
-    src = os.path.basename(os.fspath(image_path)) if not isinstance(image_path, nib.spatialimages.SpatialImage) \
-        else "image"
-    from mrflesion.layout import bids, sidecar_path
-
-    for k, arr in maps.items():
-        path = Path(bids(stem=os.fspath(out_prefix), label=k, suffix="probseg", extension=".nii.gz"))
-        nimg = nib.Nifti1Image(arr.astype(np.float32), img.affine)
-        nimg.set_qform(img.affine, code=1)
-        nimg.set_sform(img.affine, code=1)
-        nib.save(nimg, path)
-        sidecar = {"Units": "fraction (0-1)", "Sources": [src],
-                   "Description": f"{k} probability (posterior expected tissue fraction), MNI152 priors + EM"}
-        if k == "NAWM":
-            sidecar["Description"] = "WM probability outside the lesion mask"
-        Path(sidecar_path(path)).write_text(json.dumps(sidecar, indent=2))
-        out[k] = path
-    out["timings"] = timings
-    return out

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..io import save_nifti
+from ..io import write_derivative
 from .dictionary import DictionaryError, MRFDictionary
 from .sequence import Protocol
 from .signal import simulate
@@ -667,9 +667,6 @@ def match_file(
         refine=refine,
     )
     for key, p in out_paths.items():
-        out = nib.Nifti1Image(maps[key], img.affine)
-        out.set_data_dtype(np.float32)
-        out.header.set_xyzt_units(*img.header.get_xyzt_units())
-        save_nifti(out, Path(p))
+        write_derivative(p, maps[key], img, dtype=np.float32)  # on the MRF grid
     stats.update({"runtime_s": time.perf_counter() - t0, "timing_key": dictionary.timing_key})
     return stats

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
+
+from mrflesion import io
+from mrflesion.io import write_derivative
 
 
 def bids_name(sub: str, ses: str | None, suffix: str, ext: str = ".nii.gz", **entities: str | None) -> str:
@@ -28,20 +28,11 @@ def bids_name(sub: str, ses: str | None, suffix: str, ext: str = ".nii.gz", **en
 def write_nifti(
     path: Path, data: np.ndarray, affine: np.ndarray, level: int = 1, zooms4: float | None = None
 ) -> None:
-    """Write a .nii.gz with qform = sform = ``affine`` (scanner) and a gzip stream without mtime.
-
-    nibabel's gzip writer stores the current time in the header; compressing the in-memory
-    ``to_bytes()`` ourselves with ``mtime=0`` makes the files byte-identical across runs.
+    """Write a .nii.gz with qform = sform = ``affine`` (scanner), units mm / s, a 4D series' time step
+    ``zooms4`` (:func:`mrflesion.io.write_derivative`: atomic, gzip level ``level`` without a time
+    stamp, so the files are byte-identical across runs).
     """
-    img = nib.Nifti1Image(data, affine)
-    hdr = img.header
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
-    hdr.set_xyzt_units("mm", "sec")
-    if data.ndim == 4 and zooms4 is not None:
-        hdr.set_zooms(hdr.get_zooms()[:3] + (float(zooms4),))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=level, mtime=0))
+    write_derivative(path, data, affine, time_step=zooms4, level=level)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -59,11 +50,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    io.write_json(path, _jsonable(data))
 
 
 def write_tsv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["\t".join(columns)] + ["\t".join("n/a" if v is None else str(v) for v in r) for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    io.write_text(path, "\n".join(lines) + "\n")
