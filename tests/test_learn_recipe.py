@@ -221,3 +221,35 @@ def test_threshold_near_ties_go_to_one_half() -> None:
     clear = np.array([[100, 80, ref], [100, 80, ref], [100, 90, ref]])
     got = best_pooled_threshold(clear, thr, tolerance=0.01)
     assert got["threshold"] == 0.9 and got["dice"] == pytest.approx(0.9)
+
+
+def test_measurement_scaling_removes_per_measurement_gains() -> None:
+    """``mrf_scaling: measurement`` divides each measurement by its brain median: a series whose
+    measurements carry different gains (another site's timing changes every measurement's level)
+    becomes the same network input; the subject scaling keeps the gains."""
+    from mrflesion.learn.data import Normalisation
+
+    rng = np.random.default_rng(0)
+    shape, n = (12, 10, 4), 35
+    brain = np.zeros(shape, bool)
+    brain[2:10, 2:8, :] = True
+    mrf = (rng.uniform(0.5, 1.5, shape + (n,)) * brain[..., None]).astype(np.float32)
+    gains = rng.uniform(0.3, 3.0, n).astype(np.float32)
+    per_meas, subject = Normalisation(mrf_scaling="measurement"), Normalisation()
+    a = mrf / per_meas.mrf_divisor(mrf, brain)
+    b = (mrf * gains) / per_meas.mrf_divisor(mrf * gains, brain)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.median(a[brain], axis=0), 1.0, rtol=1e-6)
+    c = (mrf * gains) / subject.mrf_divisor(mrf * gains, brain)
+    assert not np.allclose(a / a[brain].mean(), c / c[brain].mean(), rtol=1e-2)
+    assert Normalisation.from_dict(per_meas.to_dict()) == per_meas
+    with pytest.raises(ValueError, match="mrf_scaling"):
+        Normalisation(mrf_scaling="site")
+
+
+def test_measurement_scaling_is_recorded_in_the_checkpoint(subjects, tmp_path) -> None:  # noqa: F811
+    res = train(MTL5, subjects[:2], subjects[2:3], tmp_path, **{**TINY, "epochs": 1}, mrf_scaling="measurement")
+    ck = load_ckpt(res["best_path"])
+    assert ck["normalisation"]["mrf_scaling"] == "measurement"
+    _, _, norm = load_model(ck)
+    assert norm.mrf_scaling == "measurement"

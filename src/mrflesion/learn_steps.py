@@ -41,6 +41,7 @@ import pandas as pd
 
 from .io import write_json, write_text
 from .layout import TEMPLATES, WORK, file
+from .learn.spec import NETWORK_TRAINING_KEYS, TRAINING_KEYS
 
 #: Paper cohort size the default split counts refer to (docs/method.md).
 PAPER_SUBJECTS = 48
@@ -77,24 +78,7 @@ def ready_file(out_dir: str, stem: str) -> str:
 
 
 #: Keys of the ``training`` config passed on to :func:`mrflesion.learn.train`.
-TRAIN_KEYS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "lr_halve_every",
-    "patch_size",
-    "patches_per_slice",
-    "lesion_factor",
-    "lesion_share",
-    "augment",
-    "norm",
-    "ema",
-    "widths",
-    "bridge",
-    "dropout",
-    "seed",
-    "device",
-)
+TRAIN_KEYS = TRAINING_KEYS
 
 SPLIT_COLUMNS = ["subject", "site", "group", "split"]
 
@@ -264,8 +248,6 @@ def train_arguments(cfg: Mapping[str, Any], spec: Mapping[str, Any] | None = Non
     """The keyword arguments of :func:`mrflesion.learn.train` from the ``training`` config, with the
     options a network entry sets for itself (``spec``; :data:`mrflesion.learn.spec.NETWORK_TRAINING_KEYS`)
     taking precedence."""
-    from .learn.spec import NETWORK_TRAINING_KEYS
-
     kw = {k: cfg[k] for k in TRAIN_KEYS if k in cfg}
     kw.update({k: v for k, v in (spec or {}).items() if k in NETWORK_TRAINING_KEYS})
     if "widths" in kw:

@@ -9,7 +9,11 @@ Normalisation (:class:`Normalisation`, stored in every checkpoint and inverted o
   mean over measurements. Raw magnitudes are in arbitrary scanner units that differ between sites,
   coils and subjects; the percentile ignores a few hot voxels, and after the division brain tissue
   lies in about [0, 1] whatever the receive gain. The scale comes from the subject's own data, so
-  inference needs no stored constant beyond the percentile.
+  inference needs no stored constant beyond the percentile. With ``mrf_scaling: measurement``, each
+  measurement is instead divided by its own median over the brain (normal-appearing tissue, mostly
+  white matter, then lies near 1 in every measurement): a site whose sequence timing differs (e.g. an
+  SMS site, whose shorter TR and slot timing change every measurement's level) then shows a lesion as
+  the same kind of departure from its surroundings as the other sites (docs/lesion-training.md).
 * **T1**: seconds (ms / 1000). Tissue 0.8-1.8, lesions up to ~2.5, CSF ~4 (dictionary maximum 3.5 s):
   the same order as the probabilities, so no channel dominates the joint 5-output loss.
 * **T2***: ms / 100, clipped at **300 ms** (target at most 3). WM/GM/lesions lie at 40-150 ms (0.4-1.5)
@@ -63,6 +67,9 @@ from .split import CONTROL_VALUES, split_subjects  # noqa: F401
 
 # ---------------------------------------------------------------------------------------- normalisation
 
+#: How the MRF input is scaled (:attr:`Normalisation.mrf_scaling`).
+MRF_SCALINGS = ("subject", "measurement")
+
 
 @dataclass(frozen=True)
 class Normalisation:
@@ -72,6 +79,11 @@ class Normalisation:
     t1_scale_ms: float = 1000.0
     t2s_scale_ms: float = 100.0
     t2s_max_ms: float = 300.0
+    mrf_scaling: str = "subject"
+
+    def __post_init__(self) -> None:
+        if self.mrf_scaling not in MRF_SCALINGS:
+            raise ValueError(f"mrf_scaling must be one of {MRF_SCALINGS}, got {self.mrf_scaling!r}")
 
     def mrf_scale(self, mrf: np.ndarray, brain: np.ndarray | None) -> float:
         """Robust per-subject scale of an MRF series (spatial..., measurements)."""
@@ -81,6 +93,21 @@ class Normalisation:
             return 1.0
         s = float(np.percentile(vals, self.mrf_percentile))
         return s if s > 0 and np.isfinite(s) else 1.0
+
+    def mrf_divisor(self, mrf: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
+        """What the MRF series is divided by, broadcast over its last (measurement) axis.
+
+        ``subject``: the scalar :meth:`mrf_scale`. ``measurement``: each measurement's median over the
+        brain (a measurement whose median is not positive falls back to the subject scale).
+        """
+        scale = self.mrf_scale(mrf, brain)
+        a = np.nan_to_num(np.asarray(mrf, dtype=np.float32))
+        if self.mrf_scaling == "subject":
+            return np.full(a.shape[-1], scale, dtype=np.float32)
+        vals = a[brain] if brain is not None and brain.any() else a.reshape(-1, a.shape[-1])
+        med = np.median(vals, axis=0).astype(np.float64)
+        ok = np.isfinite(med) & (med > 0)
+        return np.where(ok, med, scale).astype(np.float32)
 
     def encode(self, name: str, phys: np.ndarray) -> np.ndarray:
         """Physical units (ms, probability) -> network units."""
@@ -104,12 +131,12 @@ class Normalisation:
             return np.clip(a, 0.0, 1.0)
         raise KeyError(name)
 
-    def to_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, float | str]:
+        return {k: v if isinstance(v, str) else float(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Normalisation:
-        return cls(**{k: float(v) for k, v in (d or {}).items()})
+        return cls(**{k: str(v) if k == "mrf_scaling" else float(v) for k, v in (d or {}).items()})
 
 
 # ---------------------------------------------------------------------------------------- subjects
@@ -235,8 +262,9 @@ def load_subject(
         mrf = phys("mrf")
         if mrf.ndim != 4:
             raise ValueError(f"{p.subject}: MRF series must be 4D, got shape {mrf.shape}")
-        scale = norm.mrf_scale(mrf, brain_vol)
-        x = np.nan_to_num(mrf) / np.float32(scale)
+        divisor = norm.mrf_divisor(mrf, brain_vol)
+        scale = float(np.mean(divisor))
+        x = np.nan_to_num(mrf) / divisor
     else:
         x = np.stack([norm.encode(n, phys(n)) for n in spec.inputs], axis=-1)  # type: ignore[union-attr]
     inputs = _slice_major(x.astype(np.float32, copy=False), axis)

@@ -21,8 +21,11 @@ LOSS_NAMES = ("mse", "mae", "lcl", "dice", "multitask")
 #: Training options a network entry may set for itself (else the ``training:`` section's value).
 NETWORK_TRAINING_KEYS = (
     "epochs", "lr", "lr_halve_every", "patches_per_slice", "lesion_factor", "lesion_share", "augment",
-    "norm", "ema", "widths", "bridge", "dropout",
+    "norm", "ema", "mrf_scaling", "widths", "bridge", "dropout",
 )
+#: Keys of the ``training`` config that reach :func:`mrflesion.learn.train`: the per-network options plus
+#: those shared by every network of a run.
+TRAINING_KEYS = (*NETWORK_TRAINING_KEYS, "batch_size", "patch_size", "seed", "device")
 
 
 @dataclass(frozen=True)

@@ -65,28 +65,6 @@ PREEMPTED_EXIT_CODE = 75
 CHECKPOINT_FORMAT = "mrflesion-unet-1"
 LESION_THRESHOLD = 0.33
 TISSUE_THRESHOLD = 0.80
-_COMPAT_KEYS = (
-    "spec",
-    "seed",
-    "batch_size",
-    "patches_per_slice",
-    "patch_size",
-    "widths",
-    "bridge",
-    "dropout",
-    "lesion_factor",
-    "lesion_share",
-    "augment",
-    "norm",
-    "ema",
-    "lr",
-    "lr_halve_every",
-    "normalisation",
-    "train_subjects",
-    "val_subjects",
-)
-
-
 class Preempted(SystemExit):
     """Raised after the checkpoint is saved on SIGTERM/SIGUSR1; exits the process with code 75."""
 
@@ -364,13 +342,16 @@ def train(
     augment: bool | Mapping[str, Any] = False,
     norm: str = "none",
     ema: float = 0.0,
+    mrf_scaling: str = "subject",
 ) -> dict[str, Any]:
     """Train ``spec`` for ``epochs`` epochs in total (resuming from ``out_dir/last.pt`` if present).
 
     ``lesion_share``: share of every batch centred on lesion voxels; ``augment``: see
     :class:`~mrflesion.learn.data.Augmentation`; ``norm``: the U-net's normalisation layers; ``ema``:
     decay of an exponential moving average of the weights (and normalisation statistics) updated after
-    every batch; when > 0 the average is what is validated, selected and saved (0 = the raw weights).
+    every batch; when > 0 the average is what is validated, selected and saved (0 = the raw weights);
+    ``mrf_scaling``: :attr:`~mrflesion.learn.data.Normalisation.mrf_scaling` (ignored when
+    ``normalisation`` is given).
     Returns a summary: ``epochs_completed``, ``best_epoch``, ``best_val_loss``, ``history`` (list of
     rows), ``parameters``, ``lesion_threshold`` (validation-chosen, or None), paths of
     ``best.pt``/``last.pt``/``history.tsv``. Raises :class:`Preempted`
@@ -378,9 +359,12 @@ def train(
     """
     spec = spec if isinstance(spec, NetworkSpec) else NetworkSpec.from_dict(spec)
     norm_layers = str(norm)  # ``norm`` names the Normalisation below
-    norm = (
-        normalisation if isinstance(normalisation, Normalisation) else Normalisation.from_dict(normalisation)
-    )
+    if normalisation is None:
+        norm = Normalisation(mrf_scaling=str(mrf_scaling))
+    elif isinstance(normalisation, Normalisation):
+        norm = normalisation
+    else:
+        norm = Normalisation.from_dict(normalisation)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path, hist_path = out / "last.pt", out / "best.pt", out / "history.tsv"
@@ -448,7 +432,7 @@ def train(
         n_acc = 0
         if last_path.exists():
             ck = ckpt_io.load(last_path)
-            bad = [k for k in _COMPAT_KEYS if ck["config"].get(k) != config[k]]
+            bad = [k for k in config if ck["config"].get(k) != config[k]]  # all but epochs and device
             if bad:
                 raise ResumeMismatch(f"{last_path} was written with different settings: {bad}")
             model.load_state_dict(ck["model"])
