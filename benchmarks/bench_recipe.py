@@ -7,7 +7,8 @@ Reads a finished run (``--run``: the folder holding ``mrflesion/`` and ``phantom
 command's ``results``): its split (``group/splits.tsv``) and the registered images of every subject.
 For each seed, trains the first network of ``config.yaml`` (MTL-5) with the config's training settings,
 the network entry's own options and ``--set`` on top, on the run's training subjects with its
-validation subjects (one thread, so runs are comparable and two can share a 2-core machine), then
+validation subjects (``--threads``, default one, so that two runs can share a 2-core machine;
+the pipeline's training jobs use ``training.threads``), then
 applies it to the test subjects and prints, against the phantom's true lesions: per subject lesion
 Dice, LDR, lesion-wise F1 and false-positive lesions, and the pooled Dice (2 sum TP / sum (P + R)),
 at 33 % and at the operating point chosen on the validation subjects (threshold and minimum lesion
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help="JSON object of training options on top of the entry's")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_recipe"))
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of training (results depend on it)")
     args = ap.parse_args()
 
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -82,7 +84,7 @@ def main() -> None:
         folder = args.work / f"{args.name}-seed{seed}"
         t0 = time.perf_counter()
         res = train(spec, list(by_split["train"].values()), list(by_split["val"].values()), folder,
-                    num_threads=1, progress=False, **kw)
+                    num_threads=args.threads, progress=False, **kw)
         op = res.get("lesion_threshold") or {}
         print(f"seed {seed}: trained in {time.perf_counter() - t0:.0f} s (best epoch {res['best_epoch']}); "
               f"validation operating point {op}", flush=True)
