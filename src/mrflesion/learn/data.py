@@ -101,9 +101,9 @@ class Normalisation:
         brain (a measurement whose median is not positive falls back to the subject scale).
         """
         scale = self.mrf_scale(mrf, brain)
-        a = np.nan_to_num(np.asarray(mrf, dtype=np.float32))
         if self.mrf_scaling == "subject":
-            return np.full(a.shape[-1], scale, dtype=np.float32)
+            return np.full(np.shape(mrf)[-1], scale, dtype=np.float32)
+        a = np.nan_to_num(np.asarray(mrf, dtype=np.float32))
         vals = a[brain] if brain is not None and brain.any() else a.reshape(-1, a.shape[-1])
         med = np.median(vals, axis=0).astype(np.float64)
         ok = np.isfinite(med) & (med > 0)
