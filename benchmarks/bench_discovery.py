@@ -14,10 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import yaml  # noqa: E402
 from bidsfixture import make_dataset  # noqa: E402
 
 from mrflesion.bids import discover  # noqa: E402
+from mrflesion.config import load_config  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=10000)
     ap.add_argument("--sessions", type=int, default=0, help="sessions per subject (0 = no session level)")
     args = ap.parse_args()
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config = load_config(ROOT / "config.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bids"
         sessions = [f"{i + 1:02d}" for i in range(args.sessions)] or None

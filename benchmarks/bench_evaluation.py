@@ -5,7 +5,7 @@ best of ``--repeats`` wall times of each, after one warm-up call:
 
 * ``mrflesion.evaluate.threshold_sweep`` of a random probability map against 30 box lesions on the paper grid
   (240 x 240 x 47), the 99 thresholds 0.01-0.99 (tests/test_evaluate_metrics.py);
-* ``mrflesion.evaluate_steps.lesion_metrics`` (Dice, detection, lesion-wise F1, nDSC, AVD, HD95, the sweep)
+* ``mrflesion.evaluate.subject.lesion_metrics`` (Dice, detection, lesion-wise F1, nDSC, AVD, HD95, the sweep)
   of a blurred reference as prediction on a subject grid (120 x 120 x 20, 1.5 x 1.5 x 5 mm), as the
   evaluation rule runs it per network and reference (tests/test_lesion_metrics.py);
 * ``mrflesion.evaluate.report.render_subject_report`` of a subject on the demo grid (120 x 120 x 20) with a
@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from mrflesion.evaluate import lesion_table, threshold_sweep
 from mrflesion.evaluate.report import NetworkResult, SubjectReport, render_subject_report
-from mrflesion.evaluate_steps import lesion_metrics
+from mrflesion.evaluate.subject import lesion_metrics
 
 
 def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:

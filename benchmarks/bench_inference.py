@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from mrflesion.learn.infer import predict_sliding
+from mrflesion.device import resolve_device
+from mrflesion.learn.infer import predict_slices, predict_sliding
 from mrflesion.learn.networks import NetworkSpec
-from mrflesion.learn.train import predict_slices, resolve_device
 
 
 def main() -> None:

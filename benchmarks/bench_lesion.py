@@ -24,6 +24,9 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mrflesion.config import load_config  # noqa: E402
 
 
 def pooled_dice(t: pd.DataFrame, suffix: str) -> float:
@@ -59,7 +62,7 @@ def main() -> None:
     ap.add_argument("--networks", choices=("first", "all"), default="first")
     ap.add_argument("--cores", type=int, default=2)
     args = ap.parse_args()
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     nets = cfg["networks"] if args.networks == "all" else cfg["networks"][:1]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

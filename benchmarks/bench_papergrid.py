@@ -7,9 +7,9 @@ time and the accuracy it reaches against the phantom's truth:
 * input check (``validate.check_subject``), brain mask (``masking.series_brain_mask``), MPPCA
   (``denoise.denoise_file``), dictionary (all slice positions, built once per sequence timing: reported
   apart, excluded from the chain's total), matching (``matching.match_file``, config defaults);
-* registration (``anat_steps.register_mrf_to_t2w`` and ``anat_steps.register_flair_lesion``, as the
+* registration (``steps.registration.register_mrf_to_t2w`` and ``register_flair_lesion``, as the
   ``register`` rule runs them: side by side in two processes with ``--threads 2``, one after the other
-  with ``--threads 1``; ANTs single-threaded either way), tissue (``anat_steps.tissue_maps`` and the
+  with ``--threads 1``; ANTs single-threaded either way), tissue (``steps.tissue.tissue_maps`` and the
   classical baseline, as the ``tissue`` rule);
 * accuracy: median relative T1 / T2* error of the registered maps in pure WM / GM (truth fraction
   > 0.95) in T2w space; residual displacement of the T2w -> MRF mapping (rigid + phase-encode warp)
@@ -33,7 +33,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mrflesion import anat_steps
 from mrflesion import registration as reg
 from mrflesion.denoise import denoise_file
 from mrflesion.masking import series_brain_mask
@@ -42,6 +41,8 @@ from mrflesion.mrf.matching import match_file
 from mrflesion.mrf.sequence import Protocol
 from mrflesion.phantom import generate
 from mrflesion.phantom.fields import undo_displacement
+from mrflesion.steps import registration as reg_steps
+from mrflesion.steps import tissue as tissue_steps
 from mrflesion.validate import check_subject
 
 SUB = "sub-02"  # the patient of a two-subject site1 cohort (sub-01 is the control)
@@ -182,7 +183,7 @@ def main() -> None:
     flair_out = {"out_xfm": f"{stem}_from-FLAIR_to-T2w_mode-image_xfm.mat",
                  "out_lesion": f"{stem}_space-T2w_label-lesion_mask.nii.gz",
                  "out_flair": f"{stem}_space-T2w_FLAIR.nii.gz"}
-    r_mrf, r_flair = anat_steps.register_both(
+    r_mrf, r_flair = reg_steps.register_both(
         {"maps": maps, "mrf": files["mrf"], "mrf_mask": mask_path, "t2w": files["t2w"], "out": o,
          "phase_encode_stage": True, "mrf_full_transform": True},
         {"flair": files["flair"], "lesion": files["lesion"], "t2w": files["t2w"], **flair_out},
@@ -194,8 +195,8 @@ def main() -> None:
 
     t0, c0 = time.perf_counter(), cpu_seconds()
     probs = {k: f"{stem}_space-T2w_label-{k}_probseg.nii.gz" for k in ("GM", "WM", "CSF", "NAWM")}
-    anat_steps.tissue_maps(o["T1"], o["mask"], flair_out["out_lesion"], probs, threads=1)
-    anat_steps.baseline_map(o["T1"], o["T2star"], {k: probs[k] for k in ("WM", "GM", "CSF")}, o["mask"],
+    tissue_steps.tissue_maps(o["T1"], o["mask"], flair_out["out_lesion"], probs, threads=1)
+    tissue_steps.baseline_map(o["T1"], o["T2star"], {k: probs[k] for k in ("WM", "GM", "CSF")}, o["mask"],
                             f"{stem}_space-T2w_label-lesion_desc-baseline_probseg.nii.gz")
     times["tissue"] = time.perf_counter() - t0
     cpu["tissue"] = cpu_seconds() - c0

@@ -25,14 +25,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import yaml
 
+from mrflesion.config import load_config
 from mrflesion.evaluate import lesion_mask, voxel_volume_ml
-from mrflesion.evaluate_steps import lesion_metrics
+from mrflesion.evaluate.subject import lesion_metrics
 from mrflesion.layout import derivative, stem
+from mrflesion.learn.infer import predict_volume
 from mrflesion.learn.spec import specs_from_config
-from mrflesion.learn.train import predict_volume, train
-from mrflesion.learn_steps import TRAIN_IMAGES, read_splits, subject_images, train_arguments
+from mrflesion.learn.train import train
+from mrflesion.plan.training import TRAIN_IMAGES, read_splits, subject_images
+from mrflesion.steps.training import train_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of training (results depend on it)")
     args = ap.parse_args()
 
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     spec = specs_from_config(cfg["networks"])[0].to_dict()
     out = args.run / "mrflesion"
     splits = read_splits(out / "group" / "splits.tsv")

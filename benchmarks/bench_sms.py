@@ -22,8 +22,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import yaml
 
+from mrflesion.config import load_config
 from mrflesion.denoise import denoise_file
 from mrflesion.masking import series_brain_mask
 from mrflesion.mrf.dictionary import DictionaryGrid, build_dictionary
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse the phantom in --work")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_sms_"))
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     stated = {**cfg["mrf_timing"], "InversionEfficiency": args.inversion}
     bids = work / "phantom"
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-# Parse-time plan: subjects, input paths and file stems (see mrflesion.workflow).
+# Parse-time plan: subjects, input paths and file stems (see mrflesion.plan.subjects).
 import inspect
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from mrflesion.layout import COHORT, GROUP_EVALUATION, MODELS, STEM_REGEX, WORK as WORK_FILES
 from mrflesion.layout import derivative, derivatives, file, files
-from mrflesion.workflow import failure_record_path, make_plan
+from mrflesion.plan.subjects import failure_record_path, make_plan
 
 PLAN = make_plan(config)
 OUT = config["output_dir"].rstrip("/")

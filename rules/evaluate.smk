@@ -1,6 +1,6 @@
 # Inference and per-subject evaluation with the HTML report (one job per subject), and the group's per-site
-# tables. See mrflesion.evaluate_steps.
-from mrflesion.evaluate_steps import EvaluationPlan
+# tables. See mrflesion.plan.evaluation and mrflesion.steps.evaluation / .group.
+from mrflesion.plan.evaluation import EvaluationPlan
 
 EVAL = EvaluationPlan(PLAN, TRAINING, config, OUT, WORK)
 

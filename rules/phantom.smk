@@ -7,7 +7,7 @@ if PLAN.phantom:
             description=f"{PLAN.bids_dir}/dataset_description.json",
             participants=f"{PLAN.bids_dir}/participants.tsv",
             files=[f for s in PLAN.subjects.values() for f in (*s.files.values(), s.sidecar)],
-            # ground truth that the evaluation reads (mrflesion.evaluate_steps.TRUTH_FILES)
+            # ground truth that the evaluation reads (mrflesion.layout: truth)
             truth=EVAL.all_truth_files(),
         params:
             out=lambda wc, output: os.path.dirname(output.description),

@@ -6,10 +6,10 @@
 #
 # The split is computed here, at parse time, so that a training job depends on its training and
 # validation subjects only (test subjects never reach training or model selection); see
-# mrflesion.learn_steps. Resumable state: {WORK}/train/<network>/ (delete it to retrain from scratch).
+# mrflesion.plan.training, mrflesion.steps.training. Resumable state: {WORK}/train/<network>/ (delete it to retrain from scratch).
 import re
 
-from mrflesion.learn_steps import TrainingPlan, splits_hash
+from mrflesion.plan.training import TrainingPlan, splits_hash
 from mrflesion.model_card import ApplyPlan, ModelSetError
 
 # Apply mode (config `models`): the networks of a models directory are applied, nothing is trained
@@ -54,7 +54,7 @@ if not APPLY:
         model_record,
 
 
-    # the training and validation subjects' finished chains, once for all networks (see learn_steps)
+    # the training and validation subjects' finished chains, once for all networks (see mrflesion.plan.training)
     rule training_set:
         input:
             TRAINING.ready_files(),

@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.steps.check_inputs."""
+"""Rule script: see mrflesion.steps.inputs.check_inputs."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import steps  # noqa: E402
+from mrflesion.steps import inputs, main  # noqa: E402
 
-steps.main(snakemake, "check_inputs")  # noqa: F821
+main(snakemake, inputs.check_inputs)  # noqa: F821

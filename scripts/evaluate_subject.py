@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.evaluate_steps.evaluate_subject."""
+"""Rule script: see mrflesion.steps.evaluation.evaluate_subject."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import evaluate_steps, steps  # noqa: E402
+from mrflesion.steps import evaluation, main  # noqa: E402
 
-steps.main(snakemake, "evaluate_subject", evaluate_steps)  # noqa: F821
+main(snakemake, evaluation.evaluate_subject)  # noqa: F821

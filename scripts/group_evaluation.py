@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.evaluate_steps.group_evaluation."""
+"""Rule script: see mrflesion.steps.group.group_evaluation."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import evaluate_steps, steps  # noqa: E402
+from mrflesion.steps import group, main  # noqa: E402
 
-steps.main(snakemake, "group_evaluation", evaluate_steps)  # noqa: F821
+main(snakemake, group.group_evaluation)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.learn_steps.model_record."""
+"""Rule script: see mrflesion.steps.training.model_record."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import learn_steps, steps  # noqa: E402
+from mrflesion.steps import main, training  # noqa: E402
 
-steps.main(snakemake, "model_record", learn_steps)  # noqa: F821
+main(snakemake, training.model_record)  # noqa: F821

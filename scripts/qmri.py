@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.steps.qmri."""
+"""Rule script: see mrflesion.steps.qmri.qmri."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import steps  # noqa: E402
+from mrflesion.steps import main, qmri  # noqa: E402
 
-steps.main(snakemake, "qmri")  # noqa: F821
+main(snakemake, qmri.qmri)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.learn_steps.splits."""
+"""Rule script: see mrflesion.steps.training.splits."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import learn_steps, steps  # noqa: E402
+from mrflesion.steps import main, training  # noqa: E402
 
-steps.main(snakemake, "splits", learn_steps)  # noqa: F821
+main(snakemake, training.splits)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.anat_steps.tissue."""
+"""Rule script: see mrflesion.steps.tissue.tissue."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import anat_steps, steps  # noqa: E402
+from mrflesion.steps import main, tissue  # noqa: E402
 
-steps.main(snakemake, "tissue", anat_steps)  # noqa: F821
+main(snakemake, tissue.tissue)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Rule script: see mrflesion.learn_steps.train_network."""
+"""Rule script: see mrflesion.steps.training.train_network."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # noqa: F821
 
-from mrflesion import learn_steps, steps  # noqa: E402
+from mrflesion.steps import main, training  # noqa: E402
 
-steps.main(snakemake, "train_network", learn_steps)  # noqa: F821
+main(snakemake, training.train_network)  # noqa: F821

@@ -7,7 +7,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,7 +22,10 @@ def workflow_entries() -> list[str]:
 
 @pytest.fixture(scope="session")
 def repo_config() -> dict:
-    return yaml.safe_load((ROOT / "config.yaml").read_text())
+    """The demo configuration as a run gets it (schema defaults filled, networks expanded)."""
+    from mrflesion.config import load_config
+
+    return load_config(ROOT / "config.yaml")
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 Three phantom subjects on the demo voxel grid (2 x 2 x 3 mm, thin 10-slice slab): site1 control +
 patient, site2 patient (SMS site). Per subject, through the package functions the rules call
-(``mrflesion.anat_steps``):
+(``mrflesion.steps.registration``, ``mrflesion.steps.tissue``):
 
 * registration of the MRF-space T1 map to the T2w image; the residual of the T2w -> MRF point
   mapping against the truth (rigid motion ``from-MRF_to-T2w`` + EPI displacement along y) in the
@@ -31,11 +31,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from phantomgrids import DEMO_SLAB  # noqa: E402
 
-from mrflesion import anat_steps  # noqa: E402
 from mrflesion import registration as reg  # noqa: E402
 from mrflesion.masking import series_brain_mask  # noqa: E402
 from mrflesion.phantom import generate  # noqa: E402
 from mrflesion.phantom.fields import undo_displacement  # noqa: E402
+from mrflesion.steps import registration as reg_steps  # noqa: E402
+from mrflesion.steps import tissue as tissue_steps  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -107,18 +108,18 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
              "MRF": f"{stem}_acq-MRFEPI_space-T2w_MRF.nii.gz", "mask": f"{stem}_space-T2w_desc-brain_mask.nii.gz"}
         t2w = str(raw / f"{sub}_T2w.nii.gz")
         t0 = time.perf_counter()
-        r = anat_steps.register_mrf_to_t2w(maps, str(mrf), str(mask_path), t2w, o, phase_encode_stage=True,
+        r = reg_steps.register_mrf_to_t2w(maps, str(mrf), str(mask_path), t2w, o, phase_encode_stage=True,
                                            threads=1)  # as in the rule: reproducible
         t_reg = time.perf_counter() - t0
         t0 = time.perf_counter()
-        fl = anat_steps.register_flair_lesion(str(raw / f"{sub}_FLAIR.nii.gz"),
+        fl = reg_steps.register_flair_lesion(str(raw / f"{sub}_FLAIR.nii.gz"),
                                               str(manual / f"{sub}_space-FLAIR_label-lesion_mask.nii.gz"), t2w,
                                               f"{stem}_from-FLAIR_to-T2w_mode-image_xfm.mat",
                                               f"{stem}_space-T2w_label-lesion_mask.nii.gz", threads=1)
         t_flair = time.perf_counter() - t0
         t0 = time.perf_counter()
         probs = {k: f"{stem}_space-T2w_label-{k}_probseg.nii.gz" for k in ("GM", "WM", "CSF", "NAWM")}
-        tis = anat_steps.tissue_maps(o["T1"], o["mask"], f"{stem}_space-T2w_label-lesion_mask.nii.gz", probs,
+        tis = tissue_steps.tissue_maps(o["T1"], o["mask"], f"{stem}_space-T2w_label-lesion_mask.nii.gz", probs,
                                      threads=1)
         t_tis = time.perf_counter() - t0
         results[sub] = {"site": row.site, "group": row.group, "raw": raw, "truth": truth, "out": o,

@@ -3,7 +3,7 @@ r"""Bad input, one class at a time: each gives one line naming the subject and t
 Every class below is built on the tiny BIDS fixture (``tests/bidsfixture.py``) by breaking one thing
 of ``sub-02``. Three checks catch them, in this order: discovery when the DAG is built
 (:func:`mrflesion.bids.discover`; printed as ``mrflesion: skipping <message>``), the MRF sidecar's
-timing when the DAG is built (:func:`mrflesion.workflow.make_plan`; same prefix), and the content
+timing when the DAG is built (:func:`mrflesion.plan.subjects.make_plan`; same prefix), and the content
 check of rule ``check_inputs`` (:func:`mrflesion.validate.check_subject`; printed as
 ``mrflesion error: <message>``: the job fails and ``--keep-going`` carries on with the other
 subjects). A subject skipped at parse time gets no job at all.
@@ -116,8 +116,8 @@ from conftest import ROOT, tree_digest
 
 from mrflesion.bids import discover
 from mrflesion.mrf.sequence import Protocol
+from mrflesion.plan.subjects import make_plan
 from mrflesion.validate import InputError, check_subject, stated_timing
-from mrflesion.workflow import make_plan
 
 IS_ROOT = os.geteuid() == 0
 N_MEASUREMENTS = 35
@@ -594,7 +594,7 @@ def test_timing_stated_in_config_is_used_and_recorded(bids: Path, repo_config: d
 def test_control_labels_are_configurable(bids: Path, repo_config: dict) -> None:
     """A control marked "HV" trains (it is a control label by default); a label the config does not list
     is refused with one line instead of being taken for a patient."""
-    from mrflesion.learn_steps import make_splits, subject_rows
+    from mrflesion.plan.training import make_splits, subject_rows
 
     _tsv_lines(bids, lambda ls: [ls[0], "sub-01\tsite1\tHV", *ls[2:]])
     cfg = repo_config | {"bids_dir": str(bids)}

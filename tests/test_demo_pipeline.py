@@ -16,6 +16,8 @@ import pytest
 import yaml
 from conftest import ROOT, tree_digest
 
+from mrflesion.config import load_config
+
 pytestmark = pytest.mark.slow
 
 
@@ -134,9 +136,9 @@ def test_every_network_trained_and_applied(demo: dict) -> None:
     import nibabel as nib
     import numpy as np
 
-    from mrflesion.evaluate_steps import output_files
+    from mrflesion.plan.evaluation import output_files
 
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     for net in cfg["networks"]:
         assert (demo["out"] / "models" / net["name"] / "best.pt").is_file()
         for sub in _subjects(demo):
@@ -182,7 +184,7 @@ LESION_LDR_FLOOR = 0.2
 def test_recommended_network_finds_the_lesions(demo: dict) -> None:
     """Empty (or all-brain) lesion maps fail CI: the first network of the config (MTL-5), pooled over the
     test subjects at its validation threshold, against the phantom's true lesions."""
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     lead = cfg["networks"][0]["name"]
     metrics = pd.read_csv(demo["out"] / "group" / "metrics.tsv", sep="\t", na_values=["n/a"])
     test = metrics[(metrics.split == "test") & (metrics.reference == "truth")]
@@ -204,7 +206,7 @@ def test_recommended_network_finds_the_lesions(demo: dict) -> None:
 def test_group_tables(demo: dict) -> None:
     out = demo["out"] / "group"
     summary = pd.read_csv(out / "summary_sites.tsv", sep="\t", na_values=["n/a"])
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     names = {n["name"] for n in cfg["networks"]}
     assert set(summary.network) == names | {"baseline"} and {"site1", "site2", "all"} <= set(summary.site)
     n_test = _splits(demo).query("split == 'test'").groupby("site").size().to_dict()
@@ -253,7 +255,7 @@ def test_per_lesion_ratios_and_locations_against_truth(demo: dict) -> None:
     agree = (sub.location == "periventricular") == (sub.truth_location == "periventricular")
     assert agree.mean() >= 0.9, sub[["subject", "lesion", "location", "truth_location"]].to_string()
     # every subject's table in the derivatives, with its sidecar; the per-site table; the report section
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     for s in _subjects(demo):
         tsv = demo["out"] / s / "anat" / f"{s}_space-T2w_desc-lesions_quant.tsv"
         side = json.loads(tsv.with_suffix(".json").read_text())
@@ -303,7 +305,7 @@ def test_apply_mode_plans_no_training_and_writes_maps_reports_tables(demo: dict,
         assert f"rule {rule}:" not in applied["plan"] and f"\n{rule} " not in applied["plan"], rule
     assert "evaluate_subject" in applied["plan"]
     out = applied["out"]
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = load_config(ROOT / "config.yaml")
     names = [n["name"] for n in cfg["networks"]]
     assert not (out / "models").exists()
     for i in (1, 2):

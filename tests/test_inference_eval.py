@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mrflesion import evaluate_steps as ev
-from mrflesion.learn.infer import predict_sliding, window_starts
+from mrflesion.evaluate import subject as ev_subject
+from mrflesion.learn.infer import predict_slices, predict_sliding, window_starts
 from mrflesion.learn.networks import NetworkSpec
-from mrflesion.learn.train import predict_slices
+from mrflesion.plan import evaluation as ev_plan
+from mrflesion.steps import group as ev_group
 
 
 @pytest.mark.parametrize("size,window,stride", [(120, 64, 32), (64, 64, 32), (50, 64, 32), (100, 32, 7)])
@@ -59,11 +60,11 @@ def test_sliding_window_averages_overlaps_and_crops_padding() -> None:
 
 
 def test_net_labels_are_bids_safe_and_unique() -> None:
-    assert ev.net_label("MSE-2-1") == "MSE21" and ev.net_label("DICE-1") == "DICE1"
-    files = ev.output_files("/o", "sub-01/anat/sub-01", "MSE-5", ["T1", "lesion"])
+    assert ev_plan.net_label("MSE-2-1") == "MSE21" and ev_plan.net_label("DICE-1") == "DICE1"
+    files = ev_plan.output_files("/o", "sub-01/anat/sub-01", "MSE-5", ["T1", "lesion"])
     assert files["lesion"] == "/o/sub-01/anat/sub-01_space-T2w_label-lesion_desc-MSE5_probseg.nii.gz"
     with pytest.raises(ValueError, match="same file label"):
-        ev.check_labels(["MSE-1", "MSE1"])
+        ev_plan.check_labels(["MSE-1", "MSE1"])
 
 
 def _sphere(shape, centre, r):
@@ -88,7 +89,8 @@ def test_subject_metrics_perfect_and_degraded_predictions() -> None:
     worse_lesion = les.copy()
     worse_lesion[_sphere(shape, (20, 20, 6), 2)] = 0.0  # the second lesion missed
     worse = {"T1": t1 * 1.1, "lesion": worse_lesion * 0.5}
-    m, curves, lesions = ev.subject_metrics({"A": perfect, "B": worse}, {"pipeline": ref}, brain, (1, 1, 1), 0.33)
+    m, curves, lesions = ev_subject.subject_metrics({"A": perfect, "B": worse}, {"pipeline": ref}, brain, (1, 1, 1),
+                                                    0.33)
     v = {(r.network, r.metric): r.value for r in m.itertuples()}
     assert v[("A", "lesion_dice")] == 1.0 and v[("A", "lesion_ldr")] == 1.0
     assert v[("A", "T1_mrd")] == 0.0 and v[("A", "T2star_mrd")] == 0.0
@@ -111,7 +113,7 @@ def test_group_tables_use_the_summary_splits_only() -> None:
         for net, off in (("A", 0.0), ("B", 0.2)):
             rows.append({"subject": f"sub-{i}", "site": site, "group": "patient", "split": split, "network": net,
                          "reference": "pipeline", "metric": "lesion_dice", "value": 0.5 + off + 0.01 * i})
-    t = ev.group_tables(pd.DataFrame(rows), ["test"])
+    t = ev_group.group_tables(pd.DataFrame(rows), ["test"])
     s = t["summary"]
     row = s[(s.site == "all") & (s.network == "A")].iloc[0]
     assert row["metric"] == "pipeline:lesion_dice" and row["n"] == 4
@@ -152,7 +154,7 @@ def test_group_evaluation_writes_every_table(tmp_path, splits) -> None:
         params=SimpleNamespace(metrics=[str(f["metrics"]) for f in files], curves=[str(f["curves"]) for f in files],
                                quant=[], networks=["A", "B"], splits=splits, threshold=0.33),
         config={"a": 1})
-    ev.group_evaluation(smk)
+    ev_group.group_evaluation(smk)
     failed = pd.read_csv(out["failed"], sep="\t")
     assert list(failed.subject) == ["sub-09"] and "missing t2w" in failed.reason[0]
     times = pd.read_csv(out["times"], sep="\t")
@@ -200,8 +202,6 @@ def test_infer_subject_cache_gives_the_same_outputs(tmp_path) -> None:
 def test_map_accuracy_over_pure_tissue() -> None:
     """``*_mrd_pure``: the deviation over voxels where one tissue holds >= 90 %; a partial-volume voxel
     (no single true T1) counts in ``T1_mrd`` only."""
-    from mrflesion import evaluate_steps as ev
-
     shape = (6, 6, 2)
     brain = np.ones(shape, bool)
     wm = np.zeros(shape, np.float32)
@@ -209,12 +209,12 @@ def test_map_accuracy_over_pure_tissue() -> None:
     wm[:3] = 1.0
     gm[3:] = 0.95
     wm[0, 0, 0], gm[0, 0, 0] = 0.5, 0.5  # one mixed voxel
-    pure = ev.pure_tissue_mask(wm, gm, brain)
+    pure = ev_subject.pure_tissue_mask(wm, gm, brain)
     assert pure.sum() == brain.sum() - 1 and not pure[0, 0, 0]
-    assert ev.pure_tissue_mask(np.zeros(shape), np.zeros(shape), brain).all()  # CSF: the remainder
+    assert ev_subject.pure_tissue_mask(np.zeros(shape), np.zeros(shape), brain).all()  # CSF: the remainder
     ref = np.full(shape, 1000.0, np.float32)
     pred = ref.copy()
     pred[0, 0, 0] = 2000.0  # wrong only where the truth is undefined
-    m = ev.map_metrics("T1", pred, ref, brain, pure=pure)
+    m = ev_subject.map_metrics("T1", pred, ref, brain, pure=pure)
     assert m["T1_mrd_pure"] == 0.0 and m["T1_mrd"] == pytest.approx(1.0 / brain.sum())
-    assert "T1_mrd_pure" not in ev.map_metrics("T1", pred, ref, brain)
+    assert "T1_mrd_pure" not in ev_subject.map_metrics("T1", pred, ref, brain)

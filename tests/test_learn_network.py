@@ -85,6 +85,15 @@ def test_default_networks_table1():
     assert y.min() >= 0 and y.max() <= 1
 
 
+def test_networks_by_catalogue_name():
+    specs = specs_from_config(["MTL-5", {"name": "DICE-1", "epochs": 3}])
+    assert [s.name for s in specs] == ["MTL-5", "DICE-1"]
+    assert specs[0].loss == "multitask" and specs[0].extra["ema"] == 0.999 and specs[0].extra["dropout"] == 0.0
+    assert specs[1].sigmoid_channels == (0,) and specs[1].extra == {"epochs": 3}
+    with pytest.raises(ValueError, match=r"networks\[0\]"):
+        specs_from_config(["MSE-9"])
+
+
 @pytest.mark.parametrize(
     "bad",
     [

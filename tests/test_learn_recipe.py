@@ -8,9 +8,10 @@ from test_learn_train import MSE5, TINY, subjects  # noqa: F401 - the fixture
 
 from mrflesion.learn.checkpoint import load as load_ckpt
 from mrflesion.learn.data import Augmentation, PatchSampler, SliceDataset, augment_batch, load_subject
+from mrflesion.learn.infer import load_model, predict_volume
 from mrflesion.learn.losses import MultiTaskLoss, make_loss
 from mrflesion.learn.networks import NetworkSpec, UNet
-from mrflesion.learn.train import choose_threshold, load_model, predict_volume, train
+from mrflesion.learn.train import choose_threshold, train
 
 MTL5 = {"name": "MTL-5", "loss": "multitask", "inputs": "mrf", "outputs": ["T1", "T2star", "NAWM", "GM", "lesion"],
         "norm": "batch", "lesion_share": 0.5, "augment": True}

@@ -17,9 +17,10 @@ from scipy.ndimage import gaussian_filter
 
 from mrflesion.learn.checkpoint import load as load_ckpt
 from mrflesion.learn.data import Normalisation, PatchSampler, SliceDataset, load_subject
+from mrflesion.learn.infer import predict_volume
 from mrflesion.learn.networks import NetworkSpec
 from mrflesion.learn.split import split_subjects
-from mrflesion.learn.train import PREEMPTED_EXIT_CODE, Preempted, ResumeMismatch, predict_volume, train
+from mrflesion.learn.train import PREEMPTED_EXIT_CODE, Preempted, ResumeMismatch, train
 from mrflesion.mrf.sequence import Protocol
 from mrflesion.mrf.signal import simulate
 

@@ -22,7 +22,7 @@ from scipy.spatial import distance
 
 from mrflesion.evaluate import lesionwise as lw
 from mrflesion.evaluate import metrics as m
-from mrflesion.evaluate_steps import lesion_metrics
+from mrflesion.evaluate.subject import lesion_metrics
 
 NDSC_RTOL = 1e-14
 DIST_RTOL = 1e-13

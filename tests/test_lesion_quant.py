@@ -15,6 +15,7 @@ from conftest import ROOT
 from scipy import ndimage
 
 from mrflesion.cli import build_command
+from mrflesion.config import load_config
 from mrflesion.evaluate import lesion_quant as lq
 from mrflesion.evaluate.tables import lesion_site_table
 from mrflesion.model_card import (
@@ -39,7 +40,7 @@ VML = 0.012
 
 
 def _rules() -> lq.LesionTableRules:
-    return lq.LesionTableRules.from_config(yaml.safe_load((ROOT / "config.yaml").read_text())["lesion_table"])
+    return lq.LesionTableRules.from_config(load_config(ROOT / "config.yaml")["lesion_table"])
 
 
 def _subject() -> dict[str, np.ndarray]:

@@ -235,9 +235,9 @@ def test_flair_mask_to_t2w(synthetic_case, flair_case) -> None:
 
 _SIDE_BY_SIDE = """
 import json, sys
-from mrflesion import anat_steps
+from mrflesion.steps import registration as reg_steps
 for args in json.loads(sys.argv[1]):
-    info_mrf, info_flair = anat_steps.register_both(args["mrf"], args["flair"], parallel=args["parallel"])
+    info_mrf, info_flair = reg_steps.register_both(args["mrf"], args["flair"], parallel=args["parallel"])
     assert info_flair["lesion_voxels"] > 0 and info_mrf["mask_voxels"] > 0
 """
 

@@ -240,7 +240,7 @@ def test_timings_table() -> None:
     inf = tt[tt["kind"] == "inference"]
     assert dict(zip(inf["step"], inf["seconds"], strict=True)) == {"MSE-5": 1.2, "lesion <only> & co": 1.5}
 
-    # keys as written by evaluate_steps: prefixed, with their own total
+    # keys as written by mrflesion.steps.evaluation: prefixed, with their own total
     timings = {
         "conventional: denoise": 2.0,
         "conventional: match": 3.0,

@@ -2,7 +2,7 @@
 
 (a) splits: test subjects are patients only, sites represented, no overlap, deterministic; the
     ``splits`` rule writes exactly the planned table.
-(b) learning, through mrflesion.learn_steps.run_training (what the train_network rule runs) on a
+(b) learning, through mrflesion.steps.training.run_training (what the train_network rule runs) on a
     small phantom: validation loss at the end <= half the first epoch's, T1 mean relative deviation
     on the validation subject < 15 %, model files and sidecar published; a finished state is reused.
 (c) ``snakemake -n train`` lists one train_network job per configured network with mem_mb/runtime,
@@ -25,16 +25,18 @@ import yaml
 from conftest import ROOT
 from phantomgrids import TINY
 
-from mrflesion import learn_steps
+from mrflesion.config import load_config
+from mrflesion.learn.infer import predict_volume
 from mrflesion.learn.networks import default_networks
-from mrflesion.learn.train import predict_volume
 from mrflesion.phantom import cohort_table, generate
+from mrflesion.plan import training as plan_training
+from mrflesion.steps import training as train_steps
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
 
 
 def _config() -> dict:
-    return yaml.safe_load((ROOT / "config.yaml").read_text())
+    return load_config(ROOT / "config.yaml")
 
 
 def _rows(n: int, sites: int = 2, seed: int = 42) -> list[dict]:
@@ -47,33 +49,28 @@ def _rows(n: int, sites: int = 2, seed: int = 42) -> list[dict]:
 
 def test_config_lists_the_eight_networks_of_table1() -> None:
     """The recommended network first, then rows of Table 1 (the demo: those that fit its budget; the
-    paper overlay: all eight, with the paper's training settings, which are the schema defaults)."""
+    paper overlay and the schema default: all eight), each named from the catalogue; the paper overlay
+    resolves to the paper's training settings."""
     table1 = default_networks()
+    names = [n["name"] for n in table1]
+    assert names == ["MSE-5", "MAE-5", "LCL-5", "MSE-1", "MAE-1", "LCL-1", "DICE-1", "MSE-2-1"]
     cfg = _config()
     assert cfg["networks"][0]["name"] == "MTL-5" and cfg["networks"][0]["loss"] == "multitask"
     assert all(n in table1 for n in cfg["networks"][1:]) and len(cfg["networks"]) > 1
     schema = yaml.safe_load((ROOT / "config.schema.yaml").read_text())["properties"]
-    assert schema["networks"]["default"] == table1
-    overlay = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
-    assert overlay["networks"][0]["name"] == "MTL-5" and overlay["networks"][1:] == table1
-    assert not {"epochs", "lr", "widths", "bridge"} & set(overlay["networks"][0])  # paper-sized training
-    paper = overlay["training"]
-    defaults = {k: v["default"] for k, v in schema["training"]["properties"].items() if "default" in v}
-    split_defaults = {k: v["default"] for k, v in schema["training"]["properties"]["split"]["properties"].items()}
-    for k, v in paper.items():  # the overlay holds the paper values, which are the schema defaults
-        if k == "split":
-            assert all(split_defaults[kk] == vv for kk, vv in v.items()), v
-        else:
-            assert defaults[k] == v, k
-    assert (paper["widths"], paper["bridge"], paper["patch_size"], paper["patches_per_slice"]) == (
-        [32, 64, 128], 256, 64, 64)
-    assert (paper["epochs"], paper["batch_size"], paper["lr"], paper["lr_halve_every"]) == (100, 64, 1e-4, 20)
+    assert schema["networks"]["default"] == ["MTL-5", *names]
+    paper = load_config(ROOT / "config.yaml", ROOT / "config" / "paper.yaml")
+    assert paper["networks"][0]["name"] == "MTL-5" and paper["networks"][1:] == table1
+    assert not {"epochs", "lr", "widths", "bridge"} & set(paper["networks"][0])  # paper-sized training
+    t = paper["training"]
+    assert (t["widths"], t["bridge"], t["patch_size"], t["patches_per_slice"]) == ([32, 64, 128], 256, 64, 64)
+    assert (t["epochs"], t["batch_size"], t["lr"], t["lr_halve_every"]) == (100, 64, 1e-4, 20)
 
 
 def test_splits_demo_cohort() -> None:
     cfg = _config()["training"]["split"]
     rows = _rows(_config()["phantom"]["subjects"])
-    table = learn_steps.make_splits(rows, cfg)
+    table = plan_training.make_splits(rows, cfg)
     assert list(table.columns) == ["subject", "site", "group", "split"]
     assert sorted(table["subject"]) == sorted(r["subject"] for r in rows)  # every subject once
     test, val = table[table.split == "test"], table[table.split == "val"]
@@ -84,26 +81,26 @@ def test_splits_demo_cohort() -> None:
     assert (table[table.group == "control"].split == "train").all()
     for site in ("site1", "site2"):
         assert ((table.site == site) & (table.split == "train") & (table.group == "patient")).any()
-    assert learn_steps.splits_text(learn_steps.make_splits(rows, cfg)) == learn_steps.splits_text(table)
-    other = learn_steps.make_splits(rows, {**cfg, "seed": cfg["seed"] + 1})
+    assert plan_training.splits_text(plan_training.make_splits(rows, cfg)) == plan_training.splits_text(table)
+    other = plan_training.make_splits(rows, {**cfg, "seed": cfg["seed"] + 1})
     assert set(other.split) == {"train", "val", "test"}
 
 
 def test_splits_paper_cohort_and_tiny_cohorts() -> None:
-    cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["training"]["split"]
-    table = learn_steps.make_splits(_rows(48), cfg)
+    cfg = load_config(ROOT / "config.yaml", ROOT / "config" / "paper.yaml")["training"]["split"]
+    table = plan_training.make_splits(_rows(48), cfg)
     counts = table.groupby(["split", "site"]).size().to_dict()
     assert counts[("test", "site1")] == 2 and counts[("test", "site2")] == 3
     assert counts[("val", "site1")] == 2 and counts[("val", "site2")] == 3
     assert counts[("train", "site1")] == 20 and counts[("train", "site2")] == 18
     # 6 subjects: site1 = 1 control + 2 patients, site2 = 3 patients; a patient per site stays in training
-    small = learn_steps.make_splits(_rows(6, seed=1), cfg)
+    small = plan_training.make_splits(_rows(6, seed=1), cfg)
     assert (small.split == "test").sum() == 2 and (small.split == "val").sum() == 1
     for site in ("site1", "site2"):
         assert ((small.site == site) & (small.split == "train") & (small.group == "patient")).any()
-    assert learn_steps.scaled_counts([2, 3], 12, 48) == [1, 1]
-    assert learn_steps.scaled_counts([2, 3], 24, 48) == [1, 2]
-    assert learn_steps.scaled_counts([2, 3], 12, 0) == [2, 3]
+    assert plan_training.scaled_counts([2, 3], 12, 48) == [1, 1]
+    assert plan_training.scaled_counts([2, 3], 24, 48) == [1, 2]
+    assert plan_training.scaled_counts([2, 3], 12, 0) == [2, 3]
 
 
 def _overlay(tmp_path: Path) -> list[str]:
@@ -122,8 +119,8 @@ def test_splits_rule_writes_the_planned_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = (out / "group" / "splits.tsv").read_text()
     cfg = _config()
-    planned = learn_steps.make_splits(_rows(cfg["phantom"]["subjects"]), cfg["training"]["split"])
-    assert written == learn_steps.splits_text(planned)
+    planned = plan_training.make_splits(_rows(cfg["phantom"]["subjects"]), cfg["training"]["split"])
+    assert written == plan_training.splits_text(planned)
 
 
 # ---------------------------------------------------------------------------------------- (b) learning
@@ -178,12 +175,12 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("train_phantom")
     subjects, table = _phantom_subjects(root / "bids")
     rows = table.rename(columns={"participant_id": "subject"})[["subject", "site", "group"]].to_dict("records")
-    split = learn_steps.split_of(learn_steps.make_splits(rows, {"n_test_per_site": [0], "n_val_per_site": [0, 1]}))
+    split = plan_training.split_of(plan_training.make_splits(rows, {"n_test_per_site": [0], "n_val_per_site": [0, 1]}))
     train = [s for s in subjects if split[s["subject"]] == "train"]
     val = [s for s in subjects if split[s["subject"]] == "val"]
     assert len(val) == 1 and len(train) == 4
     spec = default_networks()[0]  # MSE-5: all five outputs
-    sidecar = learn_steps.run_training(spec, train, val, LEARN, root / "state", root / "model", threads=2,
+    sidecar = train_steps.run_training(spec, train, val, LEARN, root / "state", root / "model", threads=2,
                                        splits_sha256="x" * 64, progress=False)
     return {"root": root, "sidecar": sidecar, "val": val, "train": train, "spec": spec}
 
@@ -213,7 +210,7 @@ def test_model_files_and_sidecar(learned: dict) -> None:
     assert (learned["root"] / "state" / "last.pt").is_file()  # resumable state kept in the work dir
     # a finished state is reused: no further epoch runs, the outputs are published again
     (model / "best.pt").unlink()
-    again = learn_steps.run_training(learned["spec"], learned["train"], learned["val"], LEARN,
+    again = train_steps.run_training(learned["spec"], learned["train"], learned["val"], LEARN,
                                      learned["root"] / "state", model, threads=2, progress=False)
     assert (model / "best.pt").is_file() and again["EpochsCompleted"] == side["EpochsCompleted"]
     assert again["TimingsSeconds"]["per_epoch"] == side["TimingsSeconds"]["per_epoch"]
@@ -249,7 +246,7 @@ def test_dry_run_one_job_per_network(tmp_path: Path) -> None:
     for res in jobs.values():
         assert "mem_mb=4000" in res and "runtime=60" in res and "gpu" not in res
     # test subjects are no input of any training job
-    split = learn_steps.make_splits(_rows(_config()["phantom"]["subjects"]), _config()["training"]["split"])
+    split = plan_training.make_splits(_rows(_config()["phantom"]["subjects"]), _config()["training"]["split"])
     for sub in split.subject[split.split == "test"]:
         assert f"{sub}_acq-MRFEPI_space-T2w_MRF" not in log
 
@@ -270,17 +267,17 @@ def test_slurm_profile_gives_training_a_gpu(tmp_path: Path) -> None:
 
 
 def test_ready_image_stands_for_every_training_image(tmp_path: Path) -> None:
-    """Training, inference and evaluation declare one file per subject (learn_steps.READY_IMAGE); the
+    """Training, inference and evaluation declare one file per subject (mrflesion.plan.training.READY_IMAGE); the
     plan that makes it must make every T2w-space image they read, so these exist and are older."""
     stem = "sub-01/anat/sub-01"
-    ready = tmp_path / "out" / learn_steps.TRAIN_IMAGES[learn_steps.READY_IMAGE].format(stem=stem)
+    ready = tmp_path / "out" / plan_training.TRAIN_IMAGES[plan_training.READY_IMAGE].format(stem=stem)
     proc = subprocess.run(
         SNAKEMAKE + ["--summary", "--cores", "1", *_overlay(tmp_path), "--", str(ready)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     planned = {line.split("\t")[0] for line in proc.stdout.splitlines()[1:]}
-    for kind, name in learn_steps.TRAIN_IMAGES.items():
+    for kind, name in plan_training.TRAIN_IMAGES.items():
         assert str(tmp_path / "out" / name.format(stem=stem)) in planned, kind
     # and the chain's last step is what makes it (nothing of the subject is planned after it)
     assert not any("_desc-evaluation" in f or "_report" in f for f in planned)

@@ -1,8 +1,7 @@
 """Where every output lies: one BIDS-style path builder and the table of the pipeline's derivatives.
 
 Every derivative's file name is written here once. Rules (``rules/*.smk``), the parse-time plan
-(:mod:`mrflesion.workflow`, :class:`mrflesion.evaluate_steps.EvaluationPlan`,
-:class:`mrflesion.learn_steps.TrainingPlan`) and the rule bodies ask for it by stage and key;
+(:mod:`mrflesion.plan`) and the rule bodies ask for it by stage and key;
 ``tests/test_layout.py`` fails when a derivative's name is spelled anywhere else.
 
 A subject's (session's) derivatives lie beside its inputs' layout::
@@ -10,7 +9,7 @@ A subject's (session's) derivatives lie beside its inputs' layout::
     <root>/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_<entities>_<suffix><extension>
 
 The workflow calls ``sub-X[/ses-Y]/anat/sub-X[_ses-Y]`` the *stem* (the rules' wildcard ``{stem}``,
-:func:`mrflesion.workflow.stem_of`); the tables below give what follows it. For example
+:func:`mrflesion.plan.subjects.stem_of`); the tables below give what follows it. For example
 ``derivative("tissue", "NAWM", "out", "sub-01/anat/sub-01")`` is
 ``out/sub-01/anat/sub-01_space-T2w_label-NAWM_probseg.nii.gz``.
 
@@ -104,7 +103,7 @@ _MRF_TO_T2W = {"from": "MRF", "to": "T2w", "mode": "image"}
 
 #: stage -> key -> the entities of the file after the stem (``suffix``, ``extension`` default ``.nii.gz``).
 #: The keys are the rules' output names. ``{label}`` in ``network`` is the network's label
-#: (:func:`mrflesion.evaluate_steps.net_label`). ``truth`` lies under the phantom's ``derivatives/truth``
+#: (:func:`mrflesion.plan.evaluation.net_label`). ``truth`` lies under the phantom's ``derivatives/truth``
 #: (written by :mod:`mrflesion.phantom`), every other stage under ``output_dir``.
 DERIVATIVES: dict[str, dict[str, dict[str, str]]] = {
     # rule qmri: brain mask, MPPCA denoising and dictionary matching of the MRF series (MRF grid)
@@ -258,7 +257,7 @@ WORK = {
     "benchmark": "benchmarks/{step}/{stem}.tsv",
     "training_set": "train/training_set.json",
     "train_state": "train/{network}",
-    "failed_check": "logs/check_inputs/{stem}.failed.json",  # beside the check's log (mrflesion.workflow)
+    "failed_check": "logs/check_inputs/{stem}.failed.json",  # beside the check's log (mrflesion.plan.subjects)
 }
 
 

@@ -17,7 +17,6 @@ conventional chain still runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,12 +31,6 @@ APPLY_SPLIT = "apply"
 
 class ModelSetError(ValueError):
     """A models directory that cannot be used (one line)."""
-
-
-def config_sha256(config: Mapping[str, Any]) -> str:
-    """sha256 (16 hex digits) of the configuration, as the reports' provenance gives it."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cohort_summary(rows: Sequence[Mapping[str, str]], split_of: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -66,7 +59,7 @@ def make_card(network: str, sidecar: Mapping[str, Any], checkpoint: Mapping[str,
     """The model card of one trained network. ``sidecar``: its ``best.json``; ``checkpoint``: its
     ``best.pt`` (spec, model config, normalisation, operating point); ``cohort``: ``{"Sites": ...,
     "SplitsSha256": ...}``; ``schedules``: fingerprint -> the schedule's timing (sidecar form)."""
-    from .evaluate_steps import UNITS
+    from .learn.infer import OUTPUT_UNITS as UNITS
 
     spec = dict(checkpoint.get("spec") or sidecar.get("Network") or {})
     return {
@@ -153,7 +146,7 @@ class ModelSet:
 
 
 class ApplyPlan:
-    """Parse-time stand-in for :class:`mrflesion.learn_steps.TrainingPlan` in apply mode: the networks
+    """Parse-time stand-in for :class:`mrflesion.plan.training.TrainingPlan` in apply mode: the networks
     of a models directory, every subject in the split :data:`APPLY_SPLIT`, no training."""
 
     def __init__(self, plan: Any, config: Mapping[str, Any], out_dir: str) -> None:

@@ -20,11 +20,59 @@ import numpy as np
 import torch
 
 from ..device import autocast, resolve_device
-from .data import SubjectPaths, load_subject
+from . import checkpoint as ckpt_io
+from .data import Normalisation, SubjectData, SubjectPaths, load_subject
 from .networks import UNet, forward_padded
-from .train import load_model, predict_slices
+from .spec import NetworkSpec
 
 INFERENCE_MODES = ("whole", "sliding")
+
+#: Units of every network output once decoded (the outputs' sidecars, the model cards).
+OUTPUT_UNITS = {"T1": "ms", "T2star": "ms", "NAWM": "1 (probability)", "GM": "1 (probability)",
+                "lesion": "1 (probability)"}
+
+
+@torch.no_grad()
+def predict_slices(
+    model: UNet, inputs: np.ndarray, device: torch.device, batch_slices: int = 8, logits: bool = False
+) -> np.ndarray:
+    """Whole-slice prediction: (Z, H, W, C_in) normalised inputs -> (Z, H, W, C_out) network units
+    (``logits``: before the output sigmoid)."""
+    was_training = model.training
+    model.eval()
+    out = np.empty(inputs.shape[:3] + (model.out_channels,), dtype=np.float32)
+    try:
+        for z0 in range(0, inputs.shape[0], batch_slices):
+            x = torch.from_numpy(np.ascontiguousarray(inputs[z0 : z0 + batch_slices])).to(device)
+            x = x.permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+            with autocast(device):
+                y = forward_padded(model, x, logits=logits)
+            out[z0 : z0 + batch_slices] = y.float().permute(0, 2, 3, 1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def load_model(
+    model_ckpt: str | Path | Mapping[str, Any], device: str | torch.device = "cpu"
+) -> tuple[UNet, NetworkSpec, Normalisation]:
+    """Model, spec and normalisation from ``best.pt``/``last.pt`` (a path or a loaded dict)."""
+    ck = ckpt_io.load(model_ckpt) if not isinstance(model_ckpt, Mapping) else model_ckpt
+    spec = NetworkSpec.from_dict(ck["spec"])
+    cfg = ck["model_config"]
+    model = spec.build(
+        int(cfg["in_channels"]), tuple(cfg["widths"]), int(cfg["bridge"]), float(cfg["dropout"]),
+        norm=str(cfg.get("norm", "none")),
+    )
+    model.load_state_dict(ck["model"])
+    dev = resolve_device(device)
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    return model, spec, Normalisation.from_dict(ck["normalisation"])
+
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -111,10 +159,7 @@ def infer_subject(
     else:
         pred = predict_sliding(model, subj.inputs, dev, window=window, overlap=overlap)
     t2 = time.perf_counter()
-    out = {}
-    for c, name in enumerate(spec.outputs):
-        vol = norm.decode(name, pred[..., c]) * subj.brain
-        out[name] = subj.to_volume(vol).astype(np.float32, copy=False)
+    out = to_physical(pred, spec, norm, subj)
     record = {
         "network": spec.name,
         "outputs": list(spec.outputs),
@@ -127,3 +172,24 @@ def infer_subject(
         "affine": subj.affine,
     }
     return out, record
+
+
+def to_physical(pred: np.ndarray, spec: NetworkSpec, norm: Normalisation, subj: SubjectData) -> dict[str, np.ndarray]:
+    """Network-unit predictions (Z, H, W, C_out) -> ``{output: (X, Y, Z) float32}`` on the subject's grid:
+    T1 and T2* in ms (T2* at most the normalisation's ``t2s_max_ms``), NAWM/GM/lesion probabilities in
+    [0, 1]; zero outside the brain mask."""
+    out = {}
+    for c, name in enumerate(spec.outputs):
+        vol = norm.decode(name, pred[..., c]) * subj.brain
+        out[name] = subj.to_volume(vol).astype(np.float32, copy=False)
+    return out
+
+
+def predict_volume(
+    model_ckpt: str | Path | Mapping[str, Any],
+    subject: SubjectPaths | Mapping[str, Any],
+    device: str | torch.device = "auto",
+) -> dict[str, np.ndarray]:
+    """Whole-slice inference on one subject: :func:`infer_subject`'s outputs without its record. The
+    subject needs the inputs of the network (``mrf``, or ``T1``/``T2star``) and ``mask``."""
+    return infer_subject(model_ckpt, subject, device=device)[0]

@@ -6,6 +6,7 @@ torch; :meth:`NetworkSpec.build` imports the U-net when a network is built.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -133,24 +134,96 @@ class NetworkSpec:
                     sigmoid_channels=self.sigmoid_channels)
 
 
+#: The named networks (the catalogue): a ``networks:`` entry of the config may be one of these names, or a
+#: mapping with one of these names and the fields it changes (``{name: MTL-5, epochs: 50}``). The first is the
+#: recommended network, MTL-5: the MRF series in, T1, T2*, NAWM, GM and lesion out, trained with the lesion
+#: recipe at the paper's size (docs/lesion-training.md); the others are the eight rows of Table 1
+#: (Hermann et al. 2021), each with its paper loss. Defined here only; the schema's default names them.
+_FIVE = ["T1", "T2star", "NAWM", "GM", "lesion"]
+NETWORK_CATALOGUE: dict[str, dict[str, Any]] = {
+    "MTL-5": {"name": "MTL-5", "loss": "multitask", "inputs": "mrf", "outputs": _FIVE,
+              "lesion_share": 0.25, "augment": True, "norm": "batch", "ema": 0.999, "mrf_scaling": "measurement",
+              "dropout": 0.0},
+    "MSE-5": {"name": "MSE-5", "loss": "mse", "inputs": "mrf", "outputs": _FIVE},
+    "MAE-5": {"name": "MAE-5", "loss": "mae", "inputs": "mrf", "outputs": _FIVE},
+    "LCL-5": {"name": "LCL-5", "loss": "lcl", "inputs": "mrf", "outputs": _FIVE},
+    "MSE-1": {"name": "MSE-1", "loss": "mse", "inputs": "mrf", "outputs": ["lesion"]},
+    "MAE-1": {"name": "MAE-1", "loss": "mae", "inputs": "mrf", "outputs": ["lesion"]},
+    "LCL-1": {"name": "LCL-1", "loss": "lcl", "inputs": "mrf", "outputs": ["lesion"]},
+    "DICE-1": {"name": "DICE-1", "loss": "dice", "inputs": "mrf", "outputs": ["lesion"]},
+    "MSE-2-1": {"name": "MSE-2-1", "loss": "mse", "inputs": ["T1", "T2star"], "outputs": ["lesion"]},
+}
+#: The recommended network (the reports lead with it) and the rows of Table 1.
+RECOMMENDED_NETWORK = "MTL-5"
+TABLE1_NETWORKS = ("MSE-5", "MAE-5", "LCL-5", "MSE-1", "MAE-1", "LCL-1", "DICE-1", "MSE-2-1")
+
+
+def catalogue_entry(name: str) -> dict[str, Any]:
+    """A copy of the catalogue's full entry for ``name`` (KeyError if it is not a catalogue name)."""
+    return copy.deepcopy(NETWORK_CATALOGUE[name])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal config values, a boolean never equal to a number (``False == 0.0`` in Python)."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
 def default_networks() -> list[dict[str, Any]]:
-    """The eight networks of Table 1 as config entries."""
-    five = list(OUTPUT_NAMES)
-    nets: list[dict[str, Any]] = [
-        {"name": f"{loss.upper()}-5", "loss": loss, "inputs": "mrf", "outputs": five}
-        for loss in ("mse", "mae", "lcl")
-    ]
-    nets += [
-        {"name": f"{loss.upper()}-1", "loss": loss, "inputs": "mrf", "outputs": ["lesion"]}
-        for loss in ("mse", "mae", "lcl", "dice")
-    ]
-    nets.append({"name": "MSE-2-1", "loss": "mse", "inputs": ["T1", "T2star"], "outputs": ["lesion"]})
-    return nets
+    """The eight networks of Table 1 as full config entries (from the catalogue)."""
+    return [catalogue_entry(n) for n in TABLE1_NETWORKS]
 
 
-def specs_from_config(entries: Iterable[Mapping[str, Any]]) -> list[NetworkSpec]:
-    """Parse config entries; names must be unique."""
-    specs = [NetworkSpec.from_dict(e) for e in entries]
+def resolve_networks(
+    entries: Iterable[str | Mapping[str, Any]], training: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Full network entries from the config's ``networks:`` list.
+
+    An entry is a catalogue name (``"MSE-5"``), a mapping with a catalogue ``name`` and the fields it
+    changes (``{"name": "MTL-5", "epochs": 50}``: the catalogue's fields, then these), or a full entry of a
+    network of its own (a new name with ``loss``, ``inputs`` and ``outputs``, taken as it is).
+
+    ``training``: the run's ``training`` section (defaults filled). A training option that an entry takes
+    from the catalogue and that equals the training section's value is left out: the network follows the
+    training section with the same result, and its entry (which the training job's parameters hold) names
+    only what the network sets differently. Options the config entry states itself are always kept.
+
+    Raises ValueError with one line starting ``networks[i]:`` for an entry that is none of these.
+    """
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        where = f"networks[{i}]"
+        if isinstance(entry, str):
+            name, overrides = entry, {}
+        elif isinstance(entry, Mapping):
+            name, overrides = entry.get("name"), {k: v for k, v in entry.items() if k != "name"}
+        else:
+            raise ValueError(f"{where}: a network is a catalogue name or a mapping, not {entry!r}")
+        if name in NETWORK_CATALOGUE:
+            full = catalogue_entry(str(name))
+            if training is not None:
+                for k in NETWORK_TRAINING_KEYS:
+                    if k in full and k not in overrides and k in training and _same(training[k], full[k]):
+                        del full[k]
+            full.update(copy.deepcopy(overrides))
+        elif isinstance(entry, str):
+            raise ValueError(
+                f"{where}: {entry!r} is not a catalogue network (one of {', '.join(NETWORK_CATALOGUE)})"
+            )
+        else:
+            missing = [k for k in ("loss", "inputs", "outputs") if k not in entry]
+            if missing or not isinstance(name, str):
+                raise ValueError(
+                    f"{where}: {name!r} is not a catalogue network (one of {', '.join(NETWORK_CATALOGUE)}); a network "
+                    f"of its own needs name, loss, inputs and outputs (missing: {', '.join(missing) or 'name'})"
+                )
+            full = copy.deepcopy(dict(entry))
+        out.append(full)
+    return out
+
+
+def specs_from_config(entries: Iterable[str | Mapping[str, Any]]) -> list[NetworkSpec]:
+    """Parse config entries (catalogue names, or mappings: :func:`resolve_networks`); names must be unique."""
+    specs = [NetworkSpec.from_dict(e) for e in resolve_networks(entries)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate network names in {names}")

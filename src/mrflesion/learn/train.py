@@ -1,4 +1,4 @@
-"""Training of one network variant, resumable and preemption-safe; whole-slice inference.
+"""Training of one network variant, resumable and preemption-safe (inference: :mod:`mrflesion.learn.infer`).
 
 * Adam (lr 1e-4), halved every 20 epochs (StepLR, stepped per epoch). Mini-batches of random patches
   (:class:`~mrflesion.learn.data.PatchSampler`).
@@ -6,7 +6,7 @@
   and deterministic (``torch.use_deterministic_algorithms(True)``).
 * ``out_dir/history.tsv``: one row per epoch (losses per output, validation metrics, lr, seconds).
   ``out_dir/best.pt``: the weights with the lowest validation loss (model selection uses validation
-  data only) plus spec and normalisation, enough for :func:`predict_volume`.
+  data only) plus spec and normalisation, enough for :func:`mrflesion.learn.infer.infer_subject`.
 * Validation operating point: when training ends, the lesion threshold that maximises the pooled
   lesion Dice of the validation subjects (against their lesion masks, thresholds 0.01-0.99), then the
   minimum lesion size that maximises their lesion-wise F1 (:func:`choose_threshold`), are stored in
@@ -57,8 +57,9 @@ from .data import (
     derive_seed,
     load_subject,
 )
+from .infer import load_model, predict_slices
 from .losses import Loss, make_loss
-from .networks import NetworkSpec, UNet, count_parameters, forward_padded
+from .networks import NetworkSpec, UNet, count_parameters
 from .progress import Progress
 
 PREEMPTED_EXIT_CODE = 75
@@ -131,31 +132,6 @@ def _weight_average(model: torch.nn.Module, decay: float) -> torch.optim.swa_uti
 
 def _state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-
-# ---------------------------------------------------------------------------------------- inference
-
-
-@torch.no_grad()
-def predict_slices(
-    model: UNet, inputs: np.ndarray, device: torch.device, batch_slices: int = 8, logits: bool = False
-) -> np.ndarray:
-    """Whole-slice prediction: (Z, H, W, C_in) normalised inputs -> (Z, H, W, C_out) network units
-    (``logits``: before the output sigmoid)."""
-    was_training = model.training
-    model.eval()
-    out = np.empty(inputs.shape[:3] + (model.out_channels,), dtype=np.float32)
-    try:
-        for z0 in range(0, inputs.shape[0], batch_slices):
-            x = torch.from_numpy(np.ascontiguousarray(inputs[z0 : z0 + batch_slices])).to(device)
-            x = x.permute(0, 3, 1, 2)
-            x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
-            with autocast(device):
-                y = forward_padded(model, x, logits=logits)
-            out[z0 : z0 + batch_slices] = y.float().permute(0, 2, 3, 1).cpu().numpy()
-    finally:
-        model.train(was_training)
-    return out
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -265,53 +241,6 @@ def _write_history(path: Path, spec: NetworkSpec, history: list[dict[str, float]
         for row in history:
             w.writerow([int(row[c]) if c == "epoch" else f"{row[c]:.8g}" for c in cols])
     tmp.replace(path)
-
-
-def load_model(
-    model_ckpt: str | Path | Mapping[str, Any], device: str | torch.device = "cpu"
-) -> tuple[UNet, NetworkSpec, Normalisation]:
-    """Model, spec and normalisation from ``best.pt``/``last.pt`` (a path or a loaded dict)."""
-    ck = ckpt_io.load(model_ckpt) if not isinstance(model_ckpt, Mapping) else model_ckpt
-    spec = NetworkSpec.from_dict(ck["spec"])
-    cfg = ck["model_config"]
-    model = spec.build(
-        int(cfg["in_channels"]), tuple(cfg["widths"]), int(cfg["bridge"]), float(cfg["dropout"]),
-        norm=str(cfg.get("norm", "none")),
-    )
-    model.load_state_dict(ck["model"])
-    dev = resolve_device(device)
-    model.to(dev)
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    model.eval()
-    return model, spec, Normalisation.from_dict(ck["normalisation"])
-
-
-def predict_volume(
-    model_ckpt: str | Path | Mapping[str, Any],
-    subject_paths: SubjectPaths | Mapping[str, Any],
-    device: str | torch.device = "auto",
-    mask_outside_brain: bool = True,
-    batch_slices: int = 8,
-) -> dict[str, np.ndarray]:
-    """Whole-slice inference on one subject; outputs on the subject's grid in physical units.
-
-    Returns ``{output name: (X, Y, Z) float32}``: T1 and T2* in ms (T2* at most the normalisation's
-    ``t2s_max_ms``), NAWM/GM/lesion probabilities in [0, 1]; zero outside the brain mask when
-    ``mask_outside_brain``. The subject needs the inputs of the network (``mrf``, or ``T1``/``T2star``)
-    and ``mask`` (for the MRF scale).
-    """
-    dev = resolve_device(device)
-    model, spec, norm = load_model(model_ckpt, dev)
-    subj = load_subject(subject_paths, spec, norm, with_targets=False)
-    pred = predict_slices(model, subj.inputs, dev, batch_slices)
-    out = {}
-    for c, name in enumerate(spec.outputs):
-        vol = norm.decode(name, pred[..., c])
-        if mask_outside_brain:
-            vol = vol * subj.brain
-        out[name] = subj.to_volume(vol).astype(np.float32, copy=False)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- training

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout
-from .bids import Discovery, InputProblem, SubjectInputs, discover, expected_inputs
+from .. import layout
+from ..bids import Discovery, InputProblem, SubjectInputs, discover, expected_inputs
 
 
 @dataclass
@@ -47,7 +47,7 @@ def stem_of(s: SubjectInputs) -> str:
 
 def phantom_discovery(config: Mapping[str, Any]) -> Discovery:
     """The phantom cohort's subjects with the paths the generator will write (nothing is read)."""
-    from .phantom import cohort_table
+    from ..phantom import cohort_table
 
     pc = config["phantom"]
     table = cohort_table(
@@ -151,7 +151,7 @@ def _skip_failed_checks(plan: Plan, work_dir: str) -> None:
 
 
 def _grid_key(config: Mapping[str, Any]) -> str:
-    from .mrf.dictionary import FORMAT_VERSION, DictionaryGrid
+    from ..mrf.dictionary import FORMAT_VERSION, DictionaryGrid
 
     d = config.get("dictionary", {})
     opts = {"grid": DictionaryGrid.from_config(d.get("grid")).key(), "rank": d.get("rank_energy"),
@@ -163,7 +163,7 @@ def _grid_key(config: Mapping[str, Any]) -> str:
 
 def _protocol_of(s: SubjectInputs, config: Mapping[str, Any]) -> Any:
     """The subject's MRF timing: its sidecars (BIDS inheritance) with the config's stated values."""
-    from .validate import resolve_timing, stated_timing
+    from ..validate import resolve_timing, stated_timing
 
     return resolve_timing(s.sidecar_layers, stated_timing(config))
 
@@ -184,8 +184,8 @@ class _KeyedProtocol:
 
 def _phantom_protocol(config: Mapping[str, Any], site: str) -> Any:
     """The timing the phantom writes for a site (SMS at an SMS site), with the configured inversion model."""
-    from .phantom import GRIDS
-    from .validate import stated_timing
+    from ..phantom import GRIDS
+    from ..validate import stated_timing
 
     inversion = stated_timing(config)["InversionEfficiency"]
     return _phantom_timing(int(GRIDS[config["phantom"]["grid"]]["n_slices"]), site, inversion)
@@ -193,20 +193,6 @@ def _phantom_protocol(config: Mapping[str, Any], site: str) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _phantom_timing(n_slices: int, site: str, inversion: str) -> Any:
-    from .phantom import site_protocol
+    from ..phantom import site_protocol
 
     return _KeyedProtocol(site_protocol(n_slices, site, inversion))
-
-
-def version_info() -> dict[str, str]:
-    """Package versions recorded in dataset_description.json and reports."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("mrflesion", "snakemake", "numpy", "scipy", "nibabel", "dipy", "antspyx", "torch", "nilearn"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-

@@ -1,8 +1,5 @@
-"""Rule bodies of the anatomical stages: registration to the T2w image and tissue probabilities.
-
-Each ``smk`` function reads ``snakemake.input/output/params`` and calls a plain function of this
-module (usable without Snakemake); scripts/register.py etc. run them through
-``mrflesion.steps.main(snakemake, "<name>", anat_steps)`` for logging and error handling.
+"""Rule body of the registration stage: the MRF maps and series, the FLAIR image and the lesion mask
+into T2w space.
 
 Outputs (BIDS derivatives, ``<stem>`` = ``sub-X[/ses-Y]/anat/sub-X[_ses-Y]``):
 
@@ -16,8 +13,7 @@ Outputs (BIDS derivatives, ``<stem>`` = ``sub-X[/ses-Y]/anat/sub-X[_ses-Y]``):
   ``registration.mrf_full_transform``), ``<stem>_space-T2w_desc-brain_mask.nii.gz`` (the MRF brain
   mask, full transform);
 * ``<stem>_from-FLAIR_to-T2w_mode-image_xfm.mat``, ``<stem>_space-T2w_label-lesion_mask.nii.gz`` and
-  ``<stem>_space-T2w_FLAIR.nii.gz`` (the FLAIR image, B-spline: the reports' lesion underlay);
-* ``<stem>_space-T2w_label-{GM,WM,CSF,NAWM}_probseg.nii.gz`` (0-1).
+  ``<stem>_space-T2w_FLAIR.nii.gz`` (the FLAIR image, B-spline: the reports' lesion underlay).
 
 Every NIfTI gets a JSON sidecar with Description, Units, Sources and ``TimingsSeconds``.
 """
@@ -30,19 +26,14 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from .io import write_derivative, write_json
-from .layout import sidecar_path, stem_of_path
-from .steps import reads
+from ..io import write_derivative, write_json
+from ..layout import sidecar_path, stem_of_path
+from . import reads, rounded_timings
 
 MAP_KEYS = ("T1", "T2star", "B1", "M0")
 MAP_UNITS = {"T1": "ms", "T2star": "ms", "B1": "1 (scale of the nominal flip angle)", "M0": "arbitrary"}
 
 
-def _rounded(timings: dict[str, float]) -> dict[str, float]:
-    return {k: round(float(v), 3) for k, v in timings.items()}
-
-
-# ---------------------------------------------------------------------------------- registration
 def register_mrf_to_t2w(
     maps: dict[str, str],
     mrf: str,
@@ -64,7 +55,7 @@ def register_mrf_to_t2w(
     """
     import tempfile
 
-    from .registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w, uncompressed
+    from ..registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w, uncompressed
 
     prefix = stem_of_path(out["rigid"], "register", "rigid")
     timings: dict[str, float] = {}
@@ -146,7 +137,7 @@ def register_mrf(smk: Any, info: dict[str, Any] | None = None) -> None:
     f = reads(smk)
     if info is None:
         info = register_mrf_to_t2w(**_mrf_args(smk))
-    res, timings = info["result"], _rounded(info["timings"])
+    res, timings = info["result"], rounded_timings(info["timings"])
     full_list = [os.fspath(p) for p in res.transforms(rigid_only=False)]
     mrf_list = [os.fspath(p) for p in res.transforms(rigid_only=not full)]
     write_json(smk.output.xfm_json, {
@@ -202,7 +193,7 @@ def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_l
     reports' lesion overlays)."""
     import numpy as np
 
-    from .registration import image_to_t2w, mask_to_t2w, register_flair_to_t2w
+    from ..registration import image_to_t2w, mask_to_t2w, register_flair_to_t2w
 
     timings: dict[str, float] = {}
     out_xfm = os.fspath(out_xfm)
@@ -228,7 +219,7 @@ def register_flair(smk: Any, info: dict[str, Any] | None = None) -> None:
     result of :func:`register_flair_lesion` when already run (else it runs here)."""
     if info is None:
         info = register_flair_lesion(**_flair_args(smk))
-    timings = _rounded(info["timings"])
+    timings = rounded_timings(info["timings"])
     write_json(sidecar_path(smk.output.flair_xfm), {
         "Description": "Rigid FLAIR -> T2w transform (ANTs Mattes MI; ITK .mat, maps T2w points to "
                        "FLAIR points)",
@@ -243,82 +234,3 @@ def register_flair(smk: Any, info: dict[str, Any] | None = None) -> None:
         "Units": "arbitrary", "Sources": [smk.input.flair, smk.input.t2w, smk.output.flair_xfm],
         "TimingsSeconds": timings})
     print(f"register_flair: {timings}")
-
-
-# ---------------------------------------------------------------------------------- tissue
-def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dict[str, str],
-                method: str = "em", prior_fwhm_mm: float = 6.0, threads: int = 2) -> dict[str, Any]:
-    """GM / WM / CSF / NAWM probabilities (0-1) of a T2w-space T1 map (:func:`mrflesion.tissue.segment`,
-    NAWM: :func:`mrflesion.tissue.nawm` outside ``lesion``); writes ``out[GM|WM|CSF|NAWM]`` (float32, the
-    T1 map's grid) and their sidecars. Returns the timings (seconds), the fit and the brain-mask size."""
-    import nibabel as nib
-    import numpy as np
-
-    from .tissue import TISSUES, nawm, segment
-
-    timings: dict[str, float] = {}
-    info: dict[str, Any] = {}
-    bm = None if brain_mask is None else np.asarray(nib.load(brain_mask).dataobj) > 0
-    probs = segment(t1map, brain_mask=bm, image_kind="T1map", threads=threads, method=method,  # type: ignore[arg-type]
-                    prior_fwhm_mm=float(prior_fwhm_mm), timings=timings, info=info)
-    t0 = time.perf_counter()
-    les = None if lesion is None else np.asarray(nib.load(lesion).dataobj) > 0
-    maps = {k: probs[k] for k in TISSUES}
-    maps["NAWM"] = nawm(probs["WM"], les)
-    for k, arr in maps.items():
-        write_derivative(out[k], arr, t1map, dtype="float32")
-    timings["write"] = time.perf_counter() - t0
-    mask_voxels = int(probs["mask"].sum())
-    rounded = _rounded(timings)
-    fit = {k: v for k, v in info.items() if isinstance(v, str | int | float | list | dict)}
-    sources = [t1map, *([] if brain_mask is None else [brain_mask]), "nilearn:MNI152 2009 GM/WM/brain mask (priors)"]
-    for k in maps:
-        desc = (f"{k} probability (posterior expected tissue fraction) from the T2w-space T1 map: "
-                f"MNI152 priors (FWHM {prior_fwhm_mm} mm) + {method} mixture with "
-                "partial-volume classes and bias field")
-        src = sources
-        if k == "NAWM":
-            desc = "Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask"
-            src = [*sources, *([] if lesion is None else [lesion])]
-        write_json(sidecar_path(out[k]), {"Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src,
-                                          "Method": str(method), "Fit": fit,
-                                          "MaskVoxels": mask_voxels, "TimingsSeconds": rounded})
-    return {"timings": timings, "info": info, "mask_voxels": mask_voxels}
-
-
-def tissue(smk: Any) -> None:
-    """Rule ``tissue``: SPM-style tissue probabilities in T2w space, then the classical lesion baseline."""
-    cfg = smk.params.cfg
-    f = reads(smk)
-    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM")}
-    res = tissue_maps(f["T1"], f["mask"], f["lesion"], out, method=str(cfg["method"]),
-                      prior_fwhm_mm=cfg["prior_fwhm_mm"], threads=int(smk.threads))
-    print(f"tissue: {_rounded(res['timings'])}")
-    baseline_map(f["T1"], f["T2star"], {k: out[k] for k in ("WM", "GM", "CSF")}, f["mask"], smk.output.baseline)
-
-
-def baseline_map(t1: str, t2star: str, tissue: dict[str, str], mask: str, out: str) -> dict[str, Any]:
-    """The classical lesion baseline (:func:`mrflesion.baseline.lesion_probability`) of one subject in
-    T2w space, with its sidecar."""
-    import nibabel as nib
-    import numpy as np
-
-    from .baseline import lesion_probability
-
-    t0 = time.perf_counter()
-    img = nib.load(t1)
-    arr = {k: np.asarray(nib.load(v).dataobj, dtype=np.float32) for k, v in tissue.items()}
-    prob = lesion_probability(np.asarray(img.dataobj, dtype=np.float32),
-                              np.asarray(nib.load(t2star).dataobj, dtype=np.float32),
-                              arr["WM"], arr["GM"], arr["CSF"], np.asarray(nib.load(mask).dataobj) > 0,
-                              img.header.get_zooms()[:3])
-    write_derivative(out, prob, img, dtype="float32")
-    seconds = round(time.perf_counter() - t0, 3)
-    write_json(sidecar_path(out), {
-        "Description": "Classical lesion baseline (no deep learning): outliers of log T1 and log T2* against "
-                       "the subject's confident white matter, inside the white-matter territory "
-                       "(mrflesion.baseline); never reads the manual mask",
-        "Units": "1 (probability)", "Sources": [t1, t2star, *tissue.values(), mask],
-        "TimingsSeconds": {"baseline": seconds}})
-    print(f"baseline: {seconds} s, {int((prob >= 0.33).sum())} voxels >= 0.33")
-    return {"seconds": seconds}
