@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .layout import MODELS, file
 from .paths import workflow_root
 
 
@@ -80,8 +81,9 @@ def build_command(argv: list[str]) -> tuple[list[str], Path]:
     }
     if args.models is not None:
         models = args.models.resolve()
-        if not (models / "models.json").is_file():
-            raise SystemExit(f"mrflesion: --models: no models.json in {models}")
+        record = models / file(MODELS, "record", None)
+        if not record.is_file():
+            raise SystemExit(f"mrflesion: --models: no {record.name} in {models}")
         overrides["models"] = str(models)
     overlay = work_dir / "mrflesion_cli_config.yaml"
     overlay.write_text(yaml.safe_dump(overrides, sort_keys=False))

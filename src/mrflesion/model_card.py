@@ -22,8 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CARD_NAME = "model_card.json"
-RECORD_NAME = "models.json"
+from .layout import MODELS, file
+
+#: The record of a models directory (file names: mrflesion.layout.MODELS).
+RECORD_NAME = MODELS["record"]
 
 #: The split name of subjects in apply mode (never seen by the networks' training or selection).
 APPLY_SPLIT = "apply"
@@ -82,7 +84,7 @@ def make_card(network: str, sidecar: Mapping[str, Any], checkpoint: Mapping[str,
         "LesionThreshold": sidecar.get("LesionThreshold"),
         "Software": dict(software),
         "ConfigSha256": config_hash,
-        "Weights": {"File": "best.pt", "Sha256": weights_sha256},
+        "Weights": {"File": Path(file(MODELS, "best", None, network="")).name, "Sha256": weights_sha256},
     }
 
 
@@ -124,13 +126,13 @@ class ModelSet:
                 raise ModelSetError(f"models directory {self.dir}: model card of {net} names no outputs: {card_path}")
 
     def weights(self, network: str) -> str:
-        return f"{self.dir}/{network}/best.pt"
+        return file(MODELS, "best", self.dir, network=network)
 
     def history(self, network: str) -> str:
-        return f"{self.dir}/{network}/history.tsv"
+        return file(MODELS, "history", self.dir, network=network)
 
     def card_path(self, network: str) -> str:
-        return f"{self.dir}/{network}/{CARD_NAME}"
+        return file(MODELS, "card", self.dir, network=network)
 
     @property
     def networks(self) -> dict[str, dict[str, Any]]:
