@@ -58,6 +58,15 @@ def mem_per_attempt(mb):
     return planned(lambda wc, attempt: mb * attempt)
 
 
+_LESION_T2W = derivative("register", "lesion", OUT)
+
+
+@planned
+def lesion_t2w(wildcards):
+    """Input function: the manual lesion mask in T2w space, where the subject has one (apply mode may not)."""
+    return {"lesion": _LESION_T2W.format(stem=wildcards.stem)} if PLAN.subjects[wildcards.stem].annotated else {}
+
+
 @planned
 def input_files(wildcards):
     s = PLAN.subjects[wildcards.stem]

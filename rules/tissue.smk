@@ -5,13 +5,14 @@
 
 rule tissue:
     input:
+        unpack(lesion_t2w),  # NAWM excludes it
         T1=derivative("register", "T1", OUT),
     output:
         # GM, WM, CSF, NAWM, baseline (mrflesion.layout.DERIVATIVES["tissue"])
         **derivatives("tissue", OUT),
     params:
         # written by the registration job with T1
-        siblings=siblings(**derivatives("register", OUT, keys=("T2star", "mask", "lesion"))),
+        siblings=siblings(**derivatives("register", OUT, keys=("T2star", "mask"))),
         cfg=config["tissue"],
     # one thread: ANTs registration with more threads is not reproducible run to run (tests/test_resume.py)
     threads: 1

@@ -556,6 +556,19 @@ def test_valid_unusual_input_is_accepted(name: str, bids: Path, repo_config: dic
     assert summaries["sub-02"]["lesion_voxels"] == 8
 
 
+def test_apply_mode_checks_a_subject_without_manual_mask(bids: Path, repo_config: dict) -> None:
+    """Apply mode (``models``): a subject without a manual lesion mask passes the input checks, its lesion
+    volume unknown (None; ``n/a`` in group/inputs.tsv); training mode refuses it at discovery."""
+    (bids / "derivatives/manual/sub-02/anat/sub-02_space-FLAIR_label-lesion_mask.nii.gz").unlink()
+    messages, summaries = _errors(repo_config | {"models": str(bids / "models")}, bids)
+    assert messages == {"discovery": [], "parse": [], "content": []}
+    assert summaries["sub-02"]["lesion_voxels"] is None and summaries["sub-02"]["lesion_ml"] is None
+    assert summaries["sub-01"]["lesion_voxels"] == 0
+    messages, summaries = _errors(repo_config, bids)
+    assert sorted(summaries) == ["sub-01", "sub-03"] and messages["discovery"][0].startswith(
+        "sub-02: missing lesion input: ")
+
+
 def test_inherited_sidecars_give_the_same_timing(bids: Path, repo_config: dict) -> None:
     """Timing keys spread over the BIDS inheritance levels are all read: sub-02 (split) has the timing
     key of sub-01 (complete sidecar), and the check records the three files it read, top level first."""

@@ -78,3 +78,17 @@ def test_dataset_level_errors(tmp_path: Path, repo_config: dict) -> None:
     (root / "participants.tsv").write_text("participant_id\tgroup\nsub-01\tpatient\n")
     with pytest.raises(BIDSError, match="no 'site' column"):
         discover(repo_config, root)
+
+
+def test_manual_mask_optional_only_in_apply_mode(tmp_path: Path, repo_config: dict) -> None:
+    """Training needs every subject's manual lesion mask (missing: one line); apply mode (``models``) takes
+    a subject without one, which then gets maps and reports but no lesion metric (steps.evaluation)."""
+    root = make_dataset(tmp_path / "bids", 3, empty=True)
+    (root / "derivatives/manual/sub-02/anat/sub-02_space-FLAIR_label-lesion_mask.nii.gz").unlink()
+    d = discover(repo_config, root)
+    assert [s.key for s in d.subjects] == ["sub-01", "sub-03"]
+    assert str(d.problems[0]).startswith("sub-02: missing lesion input: ")
+    applied = discover(copy.deepcopy(repo_config) | {"models": str(tmp_path / "models")}, root)
+    assert [s.key for s in applied.subjects] == ["sub-01", "sub-02", "sub-03"] and not applied.problems
+    s2 = applied.subjects[1]
+    assert not s2.annotated and "lesion" not in s2.files and applied.subjects[0].annotated

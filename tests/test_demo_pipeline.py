@@ -277,22 +277,39 @@ def test_per_lesion_ratios_and_locations_against_truth(demo: dict) -> None:
 APPLY_PHANTOM = {"subjects": 2, "sites": 2, "seed": 7, "grid": "demo", "longitudinal": False}
 
 
+#: The new subject of apply mode without a manual lesion mask (its file removed from the new cohort; the
+#: cohort's control, so that the patient keeps the manual lesions the per-site tables are checked for).
+UNANNOTATED = "sub-01"
+ANNOTATED = "sub-02"
+
+
 @pytest.fixture(scope="module")
 def applied(demo: dict) -> dict:
-    """The demo's trained networks applied to a new phantom cohort (another seed): config `models`."""
+    """The demo's trained networks applied to a new phantom cohort (another seed) as a BIDS dataset,
+    config `models`; one subject's manual lesion mask removed, as for a new patient."""
     import shutil
 
     tmp = demo["tmp"] / "apply"
     (tmp / "work").mkdir(parents=True)
     # the dictionary of the same MRF schedule, built by the demo run (a cache, keyed by the timing)
     shutil.copytree(demo["work"] / "dictionaries", tmp / "work" / "dictionaries")
+    base = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--profile",
+            str(ROOT / "profiles" / "local"), "--configfile", str(ROOT / "config.yaml")]
+    gen = tmp / "phantom.yaml"
+    gen.write_text(yaml.safe_dump({"output_dir": str(tmp / "gen"), "work_dir": str(tmp / "gen_work"),
+                                   "phantom": {**APPLY_PHANTOM, "dir": str(tmp / "phantom")}}))
+    made = subprocess.run(base[:5] + ["phantom"] + base[5:] + [str(gen), "--quiet"], cwd=tmp, capture_output=True,
+                          text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    manual = tmp / "phantom" / "derivatives" / "manual" / UNANNOTATED / "anat"
+    for f in manual.glob(f"{UNANNOTATED}_space-FLAIR_label-lesion_mask.*"):
+        f.unlink()
     overlay = tmp / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({
-        "output_dir": str(tmp / "out"), "work_dir": str(tmp / "work"),
-        "phantom": {**APPLY_PHANTOM, "dir": str(tmp / "phantom")}, "models": str(demo["out"] / "models"),
+        "bids_dir": str(tmp / "phantom"), "output_dir": str(tmp / "out"), "work_dir": str(tmp / "work"),
+        "models": str(demo["out"] / "models"),
     }))
-    base = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--profile",
-            str(ROOT / "profiles" / "local"), "--configfile", str(ROOT / "config.yaml"), str(overlay)]
+    base.append(str(overlay))
     plan = subprocess.run(base + ["-n"], cwd=tmp, capture_output=True, text=True, timeout=600)
     assert plan.returncode == 0, plan.stderr[-3000:]
     proc = subprocess.run(base + ["--quiet"], cwd=tmp, capture_output=True, text=True, timeout=1200)
@@ -322,6 +339,30 @@ def test_apply_mode_plans_no_training_and_writes_maps_reports_tables(demo: dict,
     sites = pd.read_csv(group / "lesions_sites.tsv", sep="\t")
     assert len(sites) and "manual" in set(sites.source)
     assert (group / "report.html").is_file() and (group / "lesions.tsv").is_file()
+
+
+def test_apply_mode_subject_without_manual_mask(applied: dict) -> None:
+    """A new subject without a manual lesion mask: the networks' maps, the per-lesion table (the networks'
+    lesions, none from a manual mask) and the report are written; no lesion metric against a reference
+    it does not have, the map metrics against the pipeline's references as for the others."""
+    out, s = applied["out"], UNANNOTATED
+    anat = out / s / "anat"
+    assert (anat / f"{s}_space-T2w_label-lesion_desc-MTL5_probseg.nii.gz").is_file()
+    assert not (anat / f"{s}_space-T2w_label-lesion_mask.nii.gz").exists()
+    assert (out / ANNOTATED / "anat" / f"{ANNOTATED}_space-T2w_label-lesion_mask.nii.gz").is_file()
+    assert "rule register_lesion:" in applied["plan"] and f"stem={s}/anat/{s}" not in "".join(
+        block.split("\n\n")[0] for block in applied["plan"].split("rule register_lesion:")[1:])
+    inputs = pd.read_csv(out / "group" / "inputs.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("subject")
+    assert inputs.loc[s, "status"] == "ok" and inputs.loc[s, "lesion_ml"] == "n/a"
+    m = pd.read_csv(out / "group" / "metrics.tsv", sep="\t")
+    mine = m[(m.subject == s) & (m.reference == "pipeline")]
+    assert "T1_mrd" in set(mine.metric) and not {"lesion_dice", "lesion_ldr", "lw_f1"} & set(mine.metric)
+    other = m[(m.subject == ANNOTATED) & (m.reference == "pipeline")]
+    assert "lesion_dice" in set(other.metric)
+    t = pd.read_csv(anat / f"{s}_space-T2w_desc-lesions_quant.tsv", sep="\t")
+    assert "manual" not in set(t.source)
+    report = (anat / f"{s}_report.html").read_text()
+    assert "No manual lesion mask for this subject" in report and "Per-lesion T1, T2*, B1" in report
 
 
 def test_apply_mode_refuses_another_mrf_schedule(demo: dict, applied: dict, tmp_path: Path) -> None:

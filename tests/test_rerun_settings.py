@@ -61,7 +61,8 @@ AFTER_EVALUATION = {"group_evaluation": 1, "all": 1}
 AFTER_TRAINING = {"train_network": 1, "model_record": 1, "evaluate_subject": N, **AFTER_EVALUATION}
 RESULTS: dict[str, tuple[Any, dict[str, int]]] = {
     # every subject's chain from the denoising on, the training on the new maps, every evaluation
-    "denoise.patch_radius": (2, {"qmri": N, "register": N, "tissue": N, "training_set": 1, **AFTER_TRAINING}),
+    "denoise.patch_radius": (2, {"qmri": N, "register": N, "register_lesion": N, "tissue": N, "training_set": 1,
+                                 **AFTER_TRAINING}),
     "training.threads": (1, AFTER_TRAINING),
     "evaluation.threshold": (0.5, {"evaluate_subject": N, **AFTER_EVALUATION}),
     # which subjects the group tables summarise: the group step only

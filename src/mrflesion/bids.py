@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 INPUT_KINDS = ("mrf", "t2w", "flair", "lesion")
+#: Inputs a subject may lack in apply mode (config ``models``): without a manual lesion mask the
+#: networks' maps, the per-lesion table and the report are written, and no lesion metric.
+OPTIONAL_IN_APPLY_MODE = ("lesion",)
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _ENTITY = re.compile(r"^([a-z]+)-([A-Za-z0-9]+)$")
 
@@ -80,6 +83,11 @@ class SubjectInputs:
     files: Mapping[str, str]  # kind -> path
     #: the MRF sidecars that apply (BIDS inheritance), top level first; empty: the one beside the series
     sidecars: tuple[str, ...] = ()
+
+    @property
+    def annotated(self) -> bool:
+        """Whether the subject has a manual lesion mask (the evaluation's reference; apply mode may lack it)."""
+        return "lesion" in self.files
 
     @property
     def key(self) -> str:
@@ -293,6 +301,9 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
     if not os.path.isfile(os.path.join(root, "dataset_description.json")):
         raise BIDSError(f"not a BIDS dataset (no dataset_description.json): {root}")
     site_column = config.get("site_column", "site")
+    #: inputs a subject may lack: the manual lesion mask in apply mode (``models``), where it is only
+    #: the reference of the evaluation (the networks do not read it)
+    optional = set(OPTIONAL_IN_APPLY_MODE) if config.get("models") else set()
     participants = read_participants(root, site_column)
     group_column = config.get("group_column", "group")
     groups = _group_labels(config)
@@ -397,6 +408,8 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
             if len(paths) == 1:
                 files[kind] = paths[0]
                 continue
+            if not paths and kind in optional:  # apply mode: a subject without a manual mask
+                continue
             spec = specs[kind]
             where = os.path.join(root, spec["derivatives"]) if spec.get("derivatives") else root
             if not paths:
@@ -415,10 +428,10 @@ def discover(config: Mapping[str, Any], bids_dir: str | os.PathLike[str] | None 
                 problem = InputProblem(subject, session, ", ".join(sorted(paths)), f"several {kind} inputs match")
             break
         if problem is None:
-            for kind in INPUT_KINDS:
-                what = notes.not_files.get(files[kind])
+            for kind, path in files.items():
+                what = notes.not_files.get(path)
                 if what is not None:
-                    problem = InputProblem(subject, session, files[kind], f"{kind} input is {what}")
+                    problem = InputProblem(subject, session, path, f"{kind} input is {what}")
                     break
         layers: tuple[str, ...] = ()
         if problem is None:

@@ -319,24 +319,7 @@ def check_subject(
     flair_img, flair = _load_anatomical(key, files["flair"], "FLAIR image")
     _check_overlap(key, flair_img, t2w_img, "FLAIR", files["flair"])
 
-    mask_img, mask = load_image(key, files["lesion"], "lesion mask")
-    if mask.ndim != 3:
-        raise InputError(key, f"lesion mask must be 3D, got {mask.ndim}D", files["lesion"])
-    if mask.shape != flair.shape:
-        raise InputError(
-            key, f"lesion mask is not on the FLAIR grid (shape {_shape(mask)} vs {_shape(flair)})", files["lesion"]
-        )
-    if not np.allclose(mask_img.affine, flair_img.affine, atol=1e-3):
-        raise InputError(key, "lesion mask is not on the FLAIR grid (affines differ)", files["lesion"])
-    if not np.isfinite(mask).all():
-        n = int((~np.isfinite(mask)).sum())
-        raise InputError(key, f"lesion mask has {n} NaN/Inf voxels", files["lesion"])
-    if mask.min() < 0 or mask.max() > 1:
-        raise InputError(
-            key, f"lesion mask values must lie in [0, 1] (found {mask.min():g} to {mask.max():g})", files["lesion"]
-        )
-    # An all-zero mask is valid: a control, or a patient without visible lesions.
-    lesion_voxels = int((mask >= 0.5).sum())
+    lesion = _check_lesion_mask(key, files["lesion"], flair_img, flair) if "lesion" in files else None
     return {
         "subject": key,
         "mrf_shape": list(mrf.shape),
@@ -344,8 +327,9 @@ def check_subject(
         "t2w_shape": list(t2w.shape),
         "flair_shape": list(flair.shape),
         "mrf_t2w_overlap": round(frac, 4),
-        "lesion_voxels": lesion_voxels,
-        "lesion_ml": round(lesion_voxels * float(np.prod(mask_img.header.get_zooms()[:3])) / 1000.0, 4),
+        # no manual mask (apply mode): None, "n/a" in group/inputs.tsv
+        "lesion_voxels": None if lesion is None else lesion[0],
+        "lesion_ml": None if lesion is None else lesion[1],
         "timing_key": protocol.timing_key(),
         "n_slices": protocol.n_slices,
         "n_slots": protocol.n_slots,
@@ -355,3 +339,26 @@ def check_subject(
         "timing_from_config": {k: timing.sidecar.get(k) for k in timing.from_config},
         "timing": timing.sidecar,
     }
+
+
+def _check_lesion_mask(key: str, path: str, flair_img: Any, flair: np.ndarray) -> tuple[int, float]:
+    """The manual lesion mask on the FLAIR grid, values 0-1; returns its voxels and volume (ml) at >= 0.5."""
+    mask_img, mask = load_image(key, path, "lesion mask")
+    if mask.ndim != 3:
+        raise InputError(key, f"lesion mask must be 3D, got {mask.ndim}D", path)
+    if mask.shape != flair.shape:
+        raise InputError(
+            key, f"lesion mask is not on the FLAIR grid (shape {_shape(mask)} vs {_shape(flair)})", path
+        )
+    if not np.allclose(mask_img.affine, flair_img.affine, atol=1e-3):
+        raise InputError(key, "lesion mask is not on the FLAIR grid (affines differ)", path)
+    if not np.isfinite(mask).all():
+        n = int((~np.isfinite(mask)).sum())
+        raise InputError(key, f"lesion mask has {n} NaN/Inf voxels", path)
+    if mask.min() < 0 or mask.max() > 1:
+        raise InputError(
+            key, f"lesion mask values must lie in [0, 1] (found {mask.min():g} to {mask.max():g})", path
+        )
+    # An all-zero mask is valid: a control, or a patient without visible lesions.
+    lesion_voxels = int((mask >= 0.5).sum())
+    return lesion_voxels, round(lesion_voxels * float(np.prod(mask_img.header.get_zooms()[:3])) / 1000.0, 4)

@@ -127,7 +127,7 @@ class SubjectReport:
     group: str
     qc: dict[str, np.ndarray]
     underlay: np.ndarray
-    manual: np.ndarray
+    manual: np.ndarray | None  # the manual lesion mask (T2w space); None: the subject has none (apply mode)
     networks: list[NetworkResult]
     timings: dict[str, float]
     provenance: dict[str, str]
@@ -537,7 +537,8 @@ def _overlay_figure(r: SubjectReport, prob: np.ndarray, threshold: float) -> str
     pred_m = np.ma.masked_where(~(pred_m > 0.5), pred_m)
     man_m = mosaic(manual, zs)
     where = ", ".join(map(str, zs))
-    outline = "cyan outline = manual mask" if np.any(manual > 0) else "manual mask empty"
+    outline = ("no manual mask" if r.manual is None
+               else "cyan outline = manual mask" if np.any(manual > 0) else "manual mask empty")
     rows = [
         _Row(
             base,
@@ -565,7 +566,8 @@ def _overlay_figure(r: SubjectReport, prob: np.ndarray, threshold: float) -> str
     caption = (
         f"Axial slices {where}. Top: lesion probability (≥ {OVERLAY_MIN_PROB:g} shown); bottom: mask at "
         f"threshold {threshold:g} ({int(pred.sum())} voxels). "
-        + (f"Cyan outline: manual mask ({n_manual} voxels)." if n_manual else "The manual mask is empty.")
+        + ("No manual mask for this subject." if r.manual is None
+           else f"Cyan outline: manual mask ({n_manual} voxels)." if n_manual else "The manual mask is empty.")
     )
     return _img(_mosaic_figure(rows), "lesion probability overlay and binarised mask") + f"<p>{_esc(caption)}</p>"
 
@@ -784,7 +786,8 @@ def _lead_section(r: SubjectReport) -> str:
                 )
             )
         legend = [
-            ("manual mask" if manual_bin.any() else "manual mask (empty)", MANUAL_COLOUR),
+            ("no manual mask" if r.manual is None else "manual mask" if manual_bin.any() else "manual mask (empty)",
+             MANUAL_COLOUR),
             (f"{net.name} at {threshold:.3g}", PRED_COLOUR),
         ]
         fig = _mosaic_figure(rows, legend, max_w=13.0, max_h=3.0)
@@ -792,11 +795,20 @@ def _lead_section(r: SubjectReport) -> str:
         parts.append(
             f"<p>{_esc(net.name)} lesion probability (≥ {OVERLAY_MIN_PROB:g} shown, red to yellow) over "
             f"{_esc(' and '.join(label for label, _ in underlays))}, axial slices {_esc(where)}. Outlines: "
-            f"manual mask (cyan, {int(manual_bin.sum())} voxels) and the prediction binarised at "
-            f"{_esc(how)} (magenta, {int(pred.sum())} voxels).</p>"
+            + ("" if r.manual is None else f"manual mask (cyan, {int(manual_bin.sum())} voxels) and ")
+            + f"the prediction binarised at {_esc(how)} (magenta, {int(pred.sum())} voxels).</p>"
         )
-    table, fp, det_how = _lead_detection(r, net, manual_bin, pred, threshold)
     parts.append("<h3>Lesion detection</h3>")
+    if r.manual is None:
+        from .metrics import label_components
+
+        n_pred = int(label_components(pred)[1]) if pred.any() else 0
+        parts.append(_note(
+            f"No manual lesion mask for this subject (apply mode): detection and the lesion metrics are not "
+            f"assessed. {net.name} finds {n_pred} lesion component{'s' if n_pred != 1 else ''} at {how}; each "
+            "is listed with its volume, location and T1, T2*, B1 in the per-lesion table below."))
+        return "\n".join(p for p in parts if p)
+    table, fp, det_how = _lead_detection(r, net, manual_bin, pred, threshold)
     n = len(table)
     n_det = int(table["detected"].astype(bool).sum()) if "detected" in table.columns and n else 0
     fp_text = "an unknown number of" if _is_missing(fp) else str(int(fp))

@@ -111,10 +111,12 @@ class EvaluationPlan:
 
     def evaluate_files(self, stem: str) -> dict[str, str]:
         """The images an evaluation reads, named ``ref_<map>``, ``mask``, ``mrf_t2w``, ``flair_t2w``,
-        ``raw_<kind>``."""
+        ``raw_<kind>`` (``ref_lesion``: only for a subject with a manual mask)."""
         s = self.plan.subjects[stem]
+        # the manual mask's T2w-space copy only where the subject has one (apply mode may lack it: no
+        # lesion metric against the pipeline's reference, no manual lesions in the per-lesion table)
         d = {f"ref_{k}": f"{self.out}/" + v.format(stem=stem) for k, v in TRAIN_IMAGES.items()
-             if k not in ("mask", "mrf")}
+             if k not in ("mask", "mrf") and (k != "lesion" or s.annotated)}
         d["mask"] = f"{self.out}/" + TRAIN_IMAGES["mask"].format(stem=stem)
         d["mrf_t2w"] = f"{self.out}/" + TRAIN_IMAGES["mrf"].format(stem=stem)
         d["flair_t2w"] = derivative("register", "flair", self.out, stem)

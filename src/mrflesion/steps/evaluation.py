@@ -121,8 +121,12 @@ def evaluate_subject(smk: Any) -> None:
     brain_f, brain_img = _load(f["mask"])
     brain = brain_f > 0.5
     zooms = brain_img.header.get_zooms()[:3]
+    # the pipeline's references; the lesion mask only where the subject has a manual one (apply mode may
+    # not: then no lesion metric against it, and its maps, per-lesion table and report all the same)
     refs: dict[str, dict[str, np.ndarray]] = {"pipeline": {k: _load(f[f"ref_{k}"])[0]
-                                                           for k in ("T1", "T2star", "NAWM", "GM", "lesion")}}
+                                                           for k in ("T1", "T2star", "NAWM", "GM", "lesion")
+                                                           if f"ref_{k}" in f}}
+    manual = refs["pipeline"].get("lesion")
     if p.truth:
         t = {k: _load(v)[0] for k, v in p.truth.items() if k != "lesionid"}
         refs["truth"] = {"T1": t["T1"], "T2star": t["T2star"], "GM": t["GM"], "lesion": t["lesion"],
@@ -156,7 +160,7 @@ def evaluate_subject(smk: Any) -> None:
     write_text(smk.output.curves, curves.to_csv(sep="\t", index=False, na_rep="n/a"))
     write_text(smk.output.lesions, lesions.to_csv(sep="\t", index=False, na_rep="n/a"))
     quant, quant_side = subject_lesion_quant(
-        p, refs["pipeline"]["lesion"], outputs, val_thresholds, threshold, brain, zooms, smk.params.lesion_table)
+        p, manual, outputs, val_thresholds, threshold, brain, zooms, smk.params.lesion_table)
     for i, (name, value) in enumerate(meta.items()):
         quant.insert(i, name, value)
     write_text(smk.output.quant, quant.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"))
@@ -199,7 +203,7 @@ def evaluate_subject(smk: Any) -> None:
         truth = tm.pivot_table(index="metric", columns="network", values="value", aggfunc="first").reset_index()
     report = SubjectReport(
         subject=p.key, session=p.session, site=p.site, group=f"{p.group} ({p.split} subject)", qc=qc,
-        underlay=underlay, manual=refs["pipeline"]["lesion"], networks=results, timings=timings,
+        underlay=underlay, manual=manual, networks=results, timings=timings,
         provenance=provenance(p.config), truth_metrics=truth,
         lead=p.lead, flair=flair,
         voxel_ml=float(np.prod(np.asarray(zooms, dtype=np.float64))) / 1000.0,
@@ -225,13 +229,13 @@ QUANT_REPORT_COLUMNS = ["source", "lesion", "volume_ml", "location", "T1_mean", 
                         "T2star_mean_ratio", "B1_mean"]
 
 
-def subject_lesion_quant(p: Any, manual: np.ndarray, outputs: Mapping[str, Mapping[str, np.ndarray]],
+def subject_lesion_quant(p: Any, manual: np.ndarray | None, outputs: Mapping[str, Mapping[str, np.ndarray]],
                          val_thresholds: Mapping[str, Mapping[str, float] | None], threshold: float,
                          brain: np.ndarray, zooms: Sequence[float],
                          cfg: Mapping[str, float]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The per-lesion table of one subject (mrflesion.evaluate.lesion_quant): the manual mask's lesions
-    (``source`` = manual), then each network's and the baseline's, binarised at its validation
-    operating point (threshold and minimum lesion size; else at ``threshold``); with the phantom's
+    (``source`` = manual; none without a manual mask), then each network's and the baseline's, binarised
+    at its validation operating point (threshold and minimum lesion size; else at ``threshold``); with the phantom's
     truth where present. Returns the table and its JSON sidecar (column units, sources, NAWM
     references, masks)."""
     from ..evaluate.lesion_quant import QUANT_UNITS, LesionTableRules, quantify_lesions, with_truth
@@ -244,8 +248,9 @@ def subject_lesion_quant(p: Any, manual: np.ndarray, outputs: Mapping[str, Mappi
     csf = _load(f["csf"])[0]
     nawm = _load(f["ref_NAWM"])[0]
     gm = _load(f["ref_GM"])[0]
-    manual_bin = manual >= 0.5
-    masks: dict[str, tuple[np.ndarray, dict[str, Any]]] = {"manual": (manual_bin, {"mask": f["ref_lesion"]})}
+    masks: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+    if manual is not None:
+        masks["manual"] = (manual >= 0.5, {"mask": f["ref_lesion"]})
     vml = voxel_volume_ml(zooms)
     for net, out in outputs.items():
         if "lesion" not in out:
@@ -264,9 +269,11 @@ def subject_lesion_quant(p: Any, manual: np.ndarray, outputs: Mapping[str, Mappi
                  "truth_locations": dict(zip(table["index"].astype(int), table["location"].astype(str), strict=True)),
                  "truth_maps": {"T1": t["T1"], "T2star": t["T2star"]},
                  "truth_nawm": t["WM"] * (t["lesion"] < 0.5), "truth_lesion": t["lesion"]}
+    # NAWM reference: outside every lesion of the manual mask, or, without one, of the source's own map
     frames, refs = [], {}
     for source, (mask, how) in masks.items():
-        tab, ref = quantify_lesions(mask, maps, nawm, csf, gm, brain, zooms, rules, exclude=manual_bin)
+        exclude = masks["manual"][0] if "manual" in masks else mask
+        tab, ref = quantify_lesions(mask, maps, nawm, csf, gm, brain, zooms, rules, exclude=exclude)
         if truth is not None:
             tab = with_truth(tab, mask, csf=csf, rules=rules, **truth)
         refs[source] = {"nawm_reference": ref, **how}
@@ -287,7 +294,8 @@ def subject_lesion_quant(p: Any, manual: np.ndarray, outputs: Mapping[str, Mappi
         "LocationClasses": "infratentorial (not assessed: no infratentorial mask in T2w space), periventricular, "
                            "juxtacortical, deep_white_matter",
         "Settings": dict(cfg),
-        "Sources": [f[f"quant_{k}"] for k in QUANT_UNITS] + [f["csf"], f["ref_NAWM"], f["ref_GM"], f["ref_lesion"]]
+        "Sources": [f[f"quant_{k}"] for k in QUANT_UNITS] + [f["csf"], f["ref_NAWM"], f["ref_GM"]]
+                   + [f[k] for k in ("ref_lesion",) if k in f]
                    + [str(v) for v in p.truth.values()],
         "Masks": refs,
     }

@@ -34,7 +34,7 @@ def phantom(smk: Any) -> None:
 
 
 def check_inputs(smk: Any) -> None:
-    files = {k: smk.input[k] for k in ("mrf", "t2w", "flair", "lesion")}
+    files = {k: smk.input[k] for k in ("mrf", "t2w", "flair", "lesion") if k in smk.input.keys()}
     t0 = time.perf_counter()
     from ..plan.subjects import input_fingerprint
 
@@ -85,7 +85,8 @@ def group_inputs(smk: Any) -> None:
     for subj, path in zip(smk.params.subjects, smk.input.checks, strict=True):
         info = json.loads(open(path).read())
         shape = "x".join(str(x) for x in info["mrf_shape"])
-        w.writerow([subj.key, subj.site, subj.group or "n/a", "ok", "n/a", info["lesion_ml"], shape])
+        lesion_ml = "n/a" if info["lesion_ml"] is None else info["lesion_ml"]  # n/a: no manual mask (apply mode)
+        w.writerow([subj.key, subj.site, subj.group or "n/a", "ok", "n/a", lesion_ml, shape])
     for p in smk.params.problems:
         w.writerow([p.key, "n/a", "n/a", "skipped", f"{p.reason}: {p.file}", "n/a", "n/a"])
     write_text(smk.output[0], buf.getvalue())

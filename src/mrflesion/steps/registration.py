@@ -106,7 +106,7 @@ def register_both(mrf: dict[str, Any], flair: dict[str, Any], parallel: bool = T
 
 def register(smk: Any) -> None:
     """Rule ``register``: the MRF maps, series and brain mask (:func:`register_mrf`) and the FLAIR image
-    and manual lesion mask (:func:`register_flair`) in T2w space; side by side with two threads
+    and its transform (:func:`register_flair`) in T2w space; side by side with two threads
     (:func:`register_both`: single-threaded ANTs in each, the same results as one after the other)."""
     info_mrf, info_flair = register_both(_mrf_args(smk), _flair_args(smk), parallel=int(smk.threads) >= 2)
     register_mrf(smk, info_mrf)
@@ -123,8 +123,8 @@ def _mrf_args(smk: Any) -> dict[str, Any]:
 
 
 def _flair_args(smk: Any) -> dict[str, Any]:
-    return {"flair": smk.input.flair, "lesion": smk.input.lesion, "t2w": smk.input.t2w,
-            "out_xfm": smk.output.flair_xfm, "out_lesion": smk.output.lesion, "out_flair": smk.output.flair,
+    return {"flair": smk.input.flair, "lesion": None, "t2w": smk.input.t2w,
+            "out_xfm": smk.output.flair_xfm, "out_lesion": None, "out_flair": smk.output.flair,
             "threads": 1}
 
 
@@ -186,14 +186,15 @@ def register_mrf(smk: Any, info: dict[str, Any] | None = None) -> None:
     print(f"register_mrf: {timings}")
 
 
-def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_lesion: str,
+def register_flair_lesion(flair: str, lesion: str | None, t2w: str, out_xfm: str, out_lesion: str | None,
                           threads: int = 2, out_flair: str | None = None) -> dict[str, Any]:
-    """FLAIR -> T2w rigid registration; the FLAIR-space lesion mask into T2w space (linear, >= 0.5)
-    and, with ``out_flair``, the FLAIR image itself (B-spline, clipped at 0: the underlay of the
-    reports' lesion overlays)."""
+    """FLAIR -> T2w rigid registration; with ``lesion``, the FLAIR-space lesion mask into T2w space
+    (:func:`lesion_to_t2w`) and, with ``out_flair``, the FLAIR image itself (B-spline, clipped at 0: the
+    underlay of the reports' lesion overlays). The rule ``register`` runs it without the mask, which
+    rule ``register_lesion`` maps where there is one."""
     import numpy as np
 
-    from ..registration import image_to_t2w, mask_to_t2w, register_flair_to_t2w
+    from ..registration import image_to_t2w, register_flair_to_t2w
 
     timings: dict[str, float] = {}
     out_xfm = os.fspath(out_xfm)
@@ -202,20 +203,45 @@ def register_flair_lesion(flair: str, lesion: str, t2w: str, out_xfm: str, out_l
     os.replace(res.rigid, out_xfm)
     res.rigid = Path(out_xfm)
     timings["register"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    m = mask_to_t2w(lesion, res, t2w, None, threshold=0.5, threads=threads)
-    write_derivative(out_lesion, m, t2w, dtype="uint8")
-    timings["apply_lesion"] = time.perf_counter() - t0
+    voxels = None
+    if lesion is not None and out_lesion is not None:
+        t0 = time.perf_counter()
+        voxels = lesion_to_t2w(lesion, out_xfm, t2w, out_lesion, threads)
+        timings["apply_lesion"] = time.perf_counter() - t0
     if out_flair is not None:
         t0 = time.perf_counter()
         img = np.clip(image_to_t2w(flair, res, t2w, "bSpline", threads), 0.0, None)
         write_derivative(out_flair, img, t2w, dtype="float32")
         timings["apply_flair"] = time.perf_counter() - t0
-    return {"result": res, "timings": timings, "lesion_voxels": int(m.sum())}
+    return {"result": res, "timings": timings, "lesion_voxels": voxels}
+
+
+def lesion_to_t2w(lesion: str, flair_xfm: str, t2w: str, out: str, threads: int = 1) -> int:
+    """The manual lesion mask (FLAIR grid) into T2w space with the rigid FLAIR -> T2w transform ``flair_xfm``:
+    linear interpolation of the 0/1 mask, then >= 0.5 (uint8), with its sidecar; returns the number of
+    lesion voxels."""
+    from ..registration import RegistrationResult, mask_to_t2w
+
+    t0 = time.perf_counter()
+    res = RegistrationResult(rigid=Path(flair_xfm), source="FLAIR")
+    m = mask_to_t2w(lesion, res, t2w, None, threshold=0.5, threads=threads)
+    write_derivative(out, m, t2w, dtype="uint8", sidecar={
+        "Type": "Lesion", "Description": "Manual lesion mask (FLAIR space) resampled into T2w space "
+                                         "(rigid, linear interpolation, >= 0.5)",
+        "Units": "1", "Sources": [str(lesion), str(flair_xfm), str(t2w)], "Voxels": int(m.sum()),
+        "TimingsSeconds": {"apply_lesion": round(time.perf_counter() - t0, 3)}})
+    return int(m.sum())
+
+
+def register_lesion(smk: Any) -> None:
+    """Rule ``register_lesion``: the manual lesion mask in T2w space, for the subjects that have one (the
+    training targets and the evaluation's reference; apply mode may lack it)."""
+    voxels = lesion_to_t2w(smk.input.lesion, smk.input.flair_xfm, smk.input.t2w, smk.output[0], int(smk.threads))
+    print(f"register_lesion: {voxels} voxels")
 
 
 def register_flair(smk: Any, info: dict[str, Any] | None = None) -> None:
-    """FLAIR transform and the manual lesion mask in T2w space (part of rule ``register``); ``info``: the
+    """FLAIR transform and the FLAIR image in T2w space (part of rule ``register``); ``info``: the
     result of :func:`register_flair_lesion` when already run (else it runs here)."""
     if info is None:
         info = register_flair_lesion(**_flair_args(smk))
@@ -224,11 +250,6 @@ def register_flair(smk: Any, info: dict[str, Any] | None = None) -> None:
         "Description": "Rigid FLAIR -> T2w transform (ANTs Mattes MI; ITK .mat, maps T2w points to "
                        "FLAIR points)",
         "Units": "mm", "Sources": [smk.input.flair, smk.input.t2w], "TimingsSeconds": timings})
-    write_json(sidecar_path(smk.output.lesion), {
-        "Type": "Lesion", "Description": "Manual lesion mask (FLAIR space) resampled into T2w space "
-                                         "(rigid, linear interpolation, >= 0.5)",
-        "Units": "1", "Sources": [smk.input.lesion, smk.input.flair, smk.input.t2w, smk.output.flair_xfm],
-        "Voxels": info["lesion_voxels"], "TimingsSeconds": timings})
     write_json(sidecar_path(smk.output.flair), {
         "Description": "FLAIR image resampled into T2w space (rigid, B-spline, clipped at 0)",
         "Units": "arbitrary", "Sources": [smk.input.flair, smk.input.t2w, smk.output.flair_xfm],

@@ -40,7 +40,8 @@ def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dic
                 "partial-volume classes and bias field")
         src = sources
         if k == "NAWM":
-            desc = "Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask"
+            desc = ("Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask" if lesion is not None
+                    else "WM probability: no manual lesion mask, lesions not excluded")
             src = [*sources, *([] if lesion is None else [lesion])]
         write_derivative(out[k], maps[k], t1map, dtype="float32", sidecar={
             "Description": desc, "Units": "1 (fraction, 0-1)", "Sources": src, "Method": str(method), "Fit": fit,
@@ -54,7 +55,7 @@ def tissue(smk: Any) -> None:
     cfg = smk.params.cfg
     f = reads(smk)
     out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM")}
-    res = tissue_maps(f["T1"], f["mask"], f["lesion"], out, method=str(cfg["method"]),
+    res = tissue_maps(f["T1"], f["mask"], f.get("lesion"), out, method=str(cfg["method"]),
                       prior_fwhm_mm=cfg["prior_fwhm_mm"], threads=int(smk.threads))
     print(f"tissue: {rounded_timings(res['timings'])}")
     baseline_map(f["T1"], f["T2star"], {k: out[k] for k in ("WM", "GM", "CSF")}, f["mask"], smk.output.baseline)
