@@ -363,6 +363,7 @@ def test_apply_mode_subject_without_manual_mask(applied: dict) -> None:
     assert "manual" not in set(t.source)
     report = (anat / f"{s}_report.html").read_text()
     assert "No manual lesion mask for this subject" in report and "Per-lesion T1, T2*, B1" in report
+    assert "no validation threshold known" not in report  # the networks' operating points apply as elsewhere
 
 
 def test_apply_mode_refuses_another_mrf_schedule(demo: dict, applied: dict, tmp_path: Path) -> None:

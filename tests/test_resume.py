@@ -183,5 +183,5 @@ def test_failed_subject_rerun_runs_only_its_jobs(phantom: Path, tmp_path: Path) 
     subjects = {stem for _, stem in jobs if stem}
     assert subjects == {"sub-02"}, jobs
     assert {r for r, s in jobs if not s} <= {"group_inputs", "group", "participant", "all"}, jobs
-    assert {r for r, s in jobs if s} == {"check_inputs", "qmri", "register", "tissue"}
+    assert {r for r, s in jobs if s} == {"check_inputs", "qmri", "register", "register_lesion", "tissue"}
     assert tree_digest(bids) == before

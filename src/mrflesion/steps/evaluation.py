@@ -187,7 +187,9 @@ def evaluate_subject(smk: Any) -> None:
         rec = inferred.get(net, {})  # the baseline has no inference record (no model, no history)
         hist = pd.read_csv(rec["history"], sep="\t") if rec.get("history") else pd.DataFrame()
         mdict = dict(zip(m.metric, m.value, strict=True))
-        vt = mdict.get("lesion_threshold_vt")
+        # the operating point chosen on the validation subjects (also without a manual mask, where no
+        # metric records it)
+        vt = (val_thresholds.get(net) or {}).get("threshold")
         results.append(NetworkResult(
             name=net, outputs=maps, references={k: refs["pipeline"][k] for k in maps if k in refs["pipeline"]},
             curves=c.rename(columns={"ldr": "detection_rate"})[["threshold", "dice", "detection_rate"]]
@@ -195,7 +197,7 @@ def evaluate_subject(smk: Any) -> None:
             lesions=_lesion_rows(les), history=hist, metrics=mdict, threshold=threshold,
             inference_s=infer_s.get(net, math.nan),
             val_threshold=None if vt is None or not math.isfinite(float(vt)) else float(vt),
-            val_min_lesion_ml=float(mdict.get("lesion_min_ml_vt", 0.0)),
+            val_min_lesion_ml=float((val_thresholds.get(net) or {}).get("min_lesion_ml", 0.0)),
         ))
     truth = None
     if "truth" in refs:
