@@ -26,7 +26,7 @@ PAPER = [ROOT / "config.yaml", ROOT / "config" / "paper.yaml"]
 #: hold: a changed key, value or key order would retrain the demo's networks)
 DEMO_NETWORKS = [
     {"name": "MTL-5", "loss": "multitask", "inputs": "mrf", "outputs": ["T1", "T2star", "NAWM", "GM", "lesion"],
-     "lesion_share": 0.25, "augment": True, "norm": "batch", "ema": 0.99, "mrf_scaling": "measurement",
+     "priors": True, "lesion_share": 0.25, "augment": True, "norm": "batch", "ema": 0.99, "mrf_scaling": "measurement",
      "widths": [16, 32, 64], "bridge": 128, "epochs": 50, "lr": 0.002, "lr_halve_every": 15},
     {"name": "MSE-5", "loss": "mse", "inputs": "mrf", "outputs": ["T1", "T2star", "NAWM", "GM", "lesion"]},
     {"name": "DICE-1", "loss": "dice", "inputs": "mrf", "outputs": ["lesion"]},
@@ -118,8 +118,8 @@ def test_catalogue_is_the_schema_default_and_table1() -> None:
     assert default_networks() == [NETWORK_CATALOGUE[n] for n in TABLE1_NETWORKS]
     assert all(e["name"] == n for n, e in NETWORK_CATALOGUE.items())
     paper_mtl = {"name": "MTL-5", "loss": "multitask", "inputs": "mrf",
-                 "outputs": ["T1", "T2star", "NAWM", "GM", "lesion"], "lesion_share": 0.25, "augment": True,
-                 "norm": "batch", "ema": 0.999, "mrf_scaling": "measurement", "dropout": 0.0}
+                 "outputs": ["T1", "T2star", "NAWM", "GM", "lesion"], "priors": True, "lesion_share": 0.25,
+                 "augment": True, "norm": "batch", "ema": 0.999, "mrf_scaling": "measurement", "dropout": 0.0}
     assert _same_order(NETWORK_CATALOGUE["MTL-5"], paper_mtl)
 
 

@@ -171,14 +171,13 @@ def test_network_accuracy_on_test_subjects(demo: dict) -> None:
 
 #: Lesion floors of the recommended network on the test subjects against the truth (the product). An
 #: empty map scores Dice 0 and LDR 0, an all-brain map Dice about 0.003. Training on the CPU is
-#: deterministic on one machine but not across CPUs (kernels accumulate in another order) and the demo's
-#: lesion figures are chaotic in those last bits: the same code and data gave a pooled Dice of 0.46 on
-#: one CI machine and 0.14 on another, and 0.30-0.47 across seeds (docs/lesion-training.md). The floors
-#: sit below that spread, so that they fail on a broken lesion output, not on a CPU; whether the network
-#: beats the classical baseline is printed (a figure of the lesion issue, not a CI gate: it did not on
-#: the 0.14 machine).
-LESION_DICE_FLOOR = 0.10
-LESION_LDR_FLOOR = 0.2
+#: deterministic on one machine but not across CPUs (kernels accumulate in another order). Since MTL-5
+#: reads the tissue priors, its pooled Dice was 0.72-0.77 and its LDR 1.0 in five trainings on the demo
+#: subjects (two seeds, one and two threads; docs/lesion-training.md), where without them it scattered
+#: over 0.14-0.47: the floors sit well below that spread, so that they fail on a broken lesion output,
+#: not on a CPU. It must also beat the classical baseline (0.15-0.25 on the same subjects).
+LESION_DICE_FLOOR = 0.5
+LESION_LDR_FLOOR = 0.6
 
 
 def test_recommended_network_finds_the_lesions(demo: dict) -> None:
@@ -201,6 +200,7 @@ def test_recommended_network_finds_the_lesions(demo: dict) -> None:
           f"LDR {ldr:.2f}, FP/subject {ours['lw_fp_vt'].mean():.1f}; baseline pooled Dice "
           f"{pooled(base, '_vt'):.3f}")
     assert dice >= LESION_DICE_FLOOR and ldr >= LESION_LDR_FLOOR
+    assert dice > pooled(base, "_vt")
 
 
 def test_group_tables(demo: dict) -> None:

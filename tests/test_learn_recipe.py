@@ -254,3 +254,65 @@ def test_measurement_scaling_is_recorded_in_the_checkpoint(subjects, tmp_path) -
     assert ck["normalisation"]["mrf_scaling"] == "measurement"
     _, _, norm = load_model(ck)
     assert norm.mrf_scaling == "measurement"
+
+
+def _with_priors(subject: dict[str, str], root) -> dict[str, str]:
+    """The subject with GM/WM/CSF priors: smooth versions of its GM and NAWM maps (one value above 1 and
+    one NaN, which the loader clips and zeroes)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    gm_img = nib.load(subject["GM"])
+    gm = ndimage.gaussian_filter(np.asarray(gm_img.dataobj, np.float32), 1.5)
+    wm = ndimage.gaussian_filter(np.asarray(nib.load(subject["NAWM"]).dataobj, np.float32), 1.5)
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    gm[0, 0, 0], wm[0, 0, 1] = 1.7, np.nan
+    out = dict(subject)
+    for k, arr in {"GMprior": gm, "WMprior": wm, "CSFprior": csf}.items():
+        p = root / f"{subject['subject']}_{k}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, gm_img.affine), p)
+        out[k] = str(p)
+    return out
+
+
+def test_tissue_priors_are_input_channels(subjects, tmp_path) -> None:  # noqa: F811
+    """``priors: true`` adds the GM, WM and CSF priors after the MRF series (as they are, 0-1), through
+    loading, training, the checkpoint and inference; a network without them is unchanged."""
+    from mrflesion.learn.spec import PRIOR_NAMES
+    from mrflesion.plan.training import needed_images
+
+    subs = [_with_priors(s, tmp_path) for s in subjects]
+    spec = NetworkSpec.from_dict({**MTL5, "priors": True})
+    plain = NetworkSpec.from_dict(MTL5)
+    assert spec.input_images == ("mrf", *PRIOR_NAMES) and plain.input_images == ("mrf",)
+    assert "priors" not in plain.to_dict() and NetworkSpec.from_dict(spec.to_dict()) == spec
+    assert set(PRIOR_NAMES) <= set(needed_images(spec.to_dict()))
+    assert not set(PRIOR_NAMES) & set(needed_images(plain.to_dict()))
+    with_p, without = load_subject(subs[0], spec), load_subject(subs[0], plain)
+    n = without.inputs.shape[-1]
+    assert with_p.inputs.shape[-1] == n + 3
+    assert np.array_equal(with_p.inputs[..., :n], without.inputs)
+    pri = with_p.inputs[..., n:]
+    assert pri.min() >= 0.0 and pri.max() <= 1.0 and np.isfinite(pri).all()
+    assert pri[0, 0, 0, 0] == 1.0 and pri[1, 0, 0, 1] == 0.0  # clipped, NaN -> 0 (slice-major: z first)
+    with pytest.raises(KeyError, match="GMprior"):
+        load_subject({k: v for k, v in subs[0].items() if k != "GMprior"}, spec)
+    # the channel count is checked when a network is built
+    spec.build(n + 3, widths=(4,), bridge=4)
+    with pytest.raises(ValueError, match="3 input channels plus the MRF series"):
+        spec.build(3, widths=(4,), bridge=4)
+    maps = NetworkSpec.from_dict({"name": "M", "loss": "mse", "inputs": ["T1", "T2star"], "outputs": ["lesion"],
+                                  "priors": True})
+    maps.build(5, widths=(4,), bridge=4)
+    with pytest.raises(ValueError, match="expects 5 input channels"):
+        maps.build(2, widths=(4,), bridge=4)
+    with pytest.raises(ValueError, match="priors must be true or false"):
+        NetworkSpec.from_dict({**MTL5, "priors": "yes"})
+    # trained and applied with the priors
+    train({**MTL5, "priors": True}, subs[:3], subs[3:], tmp_path / "p", **{**TINY, "epochs": 1}, norm="batch")
+    assert load_ckpt(tmp_path / "p" / "best.pt")["model_config"]["in_channels"] == n + 3
+    out = predict_volume(tmp_path / "p" / "best.pt", subs[3], device="cpu")
+    assert out["lesion"].shape == tuple(with_p.to_volume(with_p.brain).shape)
+    with pytest.raises(KeyError, match="WMprior"):
+        predict_volume(tmp_path / "p" / "best.pt", {k: v for k, v in subs[3].items() if k != "WMprior"},
+                       device="cpu")

@@ -73,6 +73,12 @@ def test_mni_template_t1w(mni2mm) -> None:
     print(f"\nMNI152 T1w template (2 mm, deformed): Dice@50% GM {d_gm:.3f} WM {d_wm:.3f}; "
           f"timings {{{', '.join(f'{k}: {v:.1f}' for k, v in timings.items())}}}")
     assert d_gm >= 0.85 and d_wm >= 0.85
+    # the priors as registered to the image (a network input): smooth, 0-1, where the deformed WM is
+    pri = {k: p[f"{k}prior"] for k in tissue.TISSUES}
+    assert all(v.shape == img.shape and v.min() >= 0 and v.max() <= 1 for v in pri.values())
+    d_prior = dice(pri["WM"] > 0.5, wm > 0.5)
+    print(f"registered WM prior vs the deformed WM: Dice@50% {d_prior:.3f}")
+    assert d_prior >= 0.7
 
 
 def crisp_pv_fractions() -> dict[str, np.ndarray]:

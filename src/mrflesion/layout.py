@@ -140,6 +140,10 @@ DERIVATIVES: dict[str, dict[str, dict[str, str]]] = {
         "WM": {**_T2W, "label": "WM", "suffix": "probseg"},
         "CSF": {**_T2W, "label": "CSF", "suffix": "probseg"},
         "NAWM": {**_T2W, "label": "NAWM", "suffix": "probseg"},
+        # the MNI152 priors as warped to the subject (an input of networks with ``priors: true``)
+        "GMprior": {**_T2W, "label": "GM", "desc": "prior", "suffix": "probseg"},
+        "WMprior": {**_T2W, "label": "WM", "desc": "prior", "suffix": "probseg"},
+        "CSFprior": {**_T2W, "label": "CSF", "desc": "prior", "suffix": "probseg"},
         "baseline": {**_T2W, "label": "lesion", "desc": "baseline", "suffix": "probseg"},
     },
     # rule evaluate_subject: a network's outputs (T2w space, physical units)

@@ -62,12 +62,15 @@ def make_card(network: str, sidecar: Mapping[str, Any], checkpoint: Mapping[str,
     ``best.pt`` (spec, model config, normalisation, operating point); ``cohort``: ``{"Sites": ...,
     "SplitsSha256": ...}``; ``schedules``: fingerprint -> the schedule's timing (sidecar form)."""
     from .learn.infer import OUTPUT_UNITS as UNITS
+    from .learn.spec import NetworkSpec
 
     spec = dict(checkpoint.get("spec") or sidecar.get("Network") or {})
     return {
         "Name": network,
         "Description": sidecar.get("Description", f"U-net {network}"),
         "Network": spec,
+        # the images it reads, in channel order (mrf: every measurement; *prior: the tissue stage's MNI152 priors)
+        "Inputs": list(NetworkSpec.from_dict(spec).input_images) if spec.get("loss") else [],
         "ModelConfig": dict(checkpoint.get("model_config") or {}),
         "Normalisation": dict(checkpoint.get("normalisation") or {}),
         "Outputs": {o: UNITS.get(o, "n/a") for o in spec.get("outputs", [])},

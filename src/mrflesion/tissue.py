@@ -355,7 +355,8 @@ def segment(
     ``register=False`` assumes the image is already in MNI152 space on the prior grid's world frame
     (priors are only resampled). ``timings`` (if given) receives seconds per step; ``info`` receives
     the fitted class parameters. Returns ``{"GM", "WM", "CSF", "mask"}``; the three tissues sum to
-    1 inside the mask and are 0 outside.
+    1 inside the mask and are 0 outside; and ``{"GMprior", "WMprior", "CSFprior"}``, the smoothed MNI152
+    priors on the image grid (0-1, as registered; not masked).
     """
     set_threads(threads)
     tm: dict[str, float] = {} if timings is None else timings
@@ -470,6 +471,8 @@ def segment(
     if info is not None:
         info.update(fit)
     out["mask"] = mask
+    for k in TISSUES:  # the priors as warped to the image (0-1; a network may read them: learn.spec.PRIOR_NAMES)
+        out[f"{k}prior"] = warped[k].astype(np.float32)
     return out
 
 

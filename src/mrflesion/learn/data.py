@@ -25,6 +25,11 @@ Normalisation (:class:`Normalisation`, stored in every checkpoint and inverted o
   predicted 300 ms as "300 ms or more (CSF-like)". Training-time T2* deviations are computed against
   the clipped reference.
 * **NAWM, GM, lesion**: probabilities in [0, 1] (NaN -> 0, clipped).
+* **Tissue priors** (networks with ``priors: true``): the MNI152 GM, WM and CSF priors as the tissue
+  stage warps them to the subject, three more input channels after the MRF series (or the maps), as
+  they are (0-1). They tell the network where white matter is expected: on the phantom a lesion's T1
+  and T2* lie in grey matter's range, and without them large lesions were taken for grey matter
+  (docs/lesion-training.md).
 * T1 and T2* targets are set to 0 outside the brain mask (background is a learnable constant instead
   of registration leftovers). The MSE-2-1 variant reads the T1 and T2* maps with the same scaling.
 
@@ -62,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .spec import MAP_INPUT_NAMES, OUTPUT_NAMES, NetworkSpec
+from .spec import MAP_INPUT_NAMES, OUTPUT_NAMES, PRIOR_NAMES, NetworkSpec
 from .split import CONTROL_VALUES, split_subjects  # noqa: F401
 
 # ---------------------------------------------------------------------------------------- normalisation
@@ -152,12 +157,14 @@ _PATH_KEYS = {
     "brain_mask": "mask",
     "brain": "mask",
     "t2s": "T2star",
+    **{k.lower(): k for k in PRIOR_NAMES},
 }
 
 
 @dataclass(frozen=True)
 class SubjectPaths:
-    """Image paths of one registered subject; keys of ``images``: mrf, T1, T2star, NAWM, GM, lesion, mask."""
+    """Image paths of one registered subject; keys of ``images``: mrf, T1, T2star, NAWM, GM, lesion, mask,
+    GMprior, WMprior, CSFprior."""
 
     subject: str
     images: Mapping[str, str | Path] = field(default_factory=dict)
@@ -267,6 +274,9 @@ def load_subject(
         x = np.nan_to_num(mrf) / divisor
     else:
         x = np.stack([norm.encode(n, phys(n)) for n in spec.inputs], axis=-1)  # type: ignore[union-attr]
+    if spec.priors:  # probabilities, as they are (0-1)
+        pri = [np.clip(np.nan_to_num(phys(k)), 0.0, 1.0) for k in PRIOR_NAMES]
+        x = np.concatenate([x, np.stack(pri, axis=-1)], axis=-1)
     inputs = _slice_major(x.astype(np.float32, copy=False), axis)
 
     targets = None

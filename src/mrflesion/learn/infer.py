@@ -146,7 +146,7 @@ def infer_subject(
     dev = resolve_device(device)
     t0 = time.perf_counter()
     model, spec, norm = load_model(model_ckpt, dev)
-    key = (spec.inputs, tuple(sorted(norm.to_dict().items())))
+    key = (spec.input_images, tuple(sorted(norm.to_dict().items())))
     if cache is not None and key in cache:
         subj = cache[key]
     else:

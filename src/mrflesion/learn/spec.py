@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 #: Names of the maps a network may read or predict. ``mrf`` stands for the whole MRF series.
 OUTPUT_NAMES = ("T1", "T2star", "NAWM", "GM", "lesion")
 MAP_INPUT_NAMES = ("T1", "T2star")
+#: The tissue priors a network may read beside its inputs (``priors: true``): the MNI152 GM, WM and CSF
+#: priors as the tissue stage warps them to the subject (T2w space, 0-1), in this channel order.
+PRIOR_NAMES = ("GMprior", "WMprior", "CSFprior")
 PROBABILITY_OUTPUTS = ("NAWM", "GM", "lesion")
 LOSS_NAMES = ("mse", "mae", "lcl", "dice", "multitask")
 #: Training options a network entry may set for itself (else the ``training:`` section's value).
@@ -34,7 +37,8 @@ class NetworkSpec:
     """One network variant (a row of Table 1).
 
     ``inputs`` is ``"mrf"`` (the raw MRF series, all measurements) or a tuple of map names from
-    :data:`MAP_INPUT_NAMES`; ``outputs`` a tuple from :data:`OUTPUT_NAMES`.
+    :data:`MAP_INPUT_NAMES`; ``outputs`` a tuple from :data:`OUTPUT_NAMES`. ``priors``: the three
+    tissue priors (:data:`PRIOR_NAMES`) are further input channels, after ``inputs``.
     """
 
     name: str
@@ -42,6 +46,7 @@ class NetworkSpec:
     inputs: str | tuple[str, ...] = "mrf"
     outputs: tuple[str, ...] = OUTPUT_NAMES
     extra: Mapping[str, Any] = field(default_factory=dict)
+    priors: bool = False
 
     def __post_init__(self) -> None:
         loss = str(self.loss).lower()
@@ -75,12 +80,20 @@ class NetworkSpec:
         unknown = sorted(set(self.extra) - set(NETWORK_TRAINING_KEYS))
         if unknown:
             raise ValueError(f"{self.name}: unknown network options {unknown} (known: {NETWORK_TRAINING_KEYS})")
+        if not isinstance(self.priors, bool):
+            raise ValueError(f"{self.name}: priors must be true or false, got {self.priors!r}")
         object.__setattr__(self, "outputs", outputs)
         object.__setattr__(self, "extra", dict(self.extra))
 
     @property
     def uses_mrf(self) -> bool:
         return self.inputs == "mrf"
+
+    @property
+    def input_images(self) -> tuple[str, ...]:
+        """The image kinds read as input channels, in order (``mrf``: every measurement of the series)."""
+        base = ("mrf",) if self.uses_mrf else tuple(self.inputs)
+        return base + (PRIOR_NAMES if self.priors else ())
 
     @property
     def out_activation(self) -> str:
@@ -100,13 +113,14 @@ class NetworkSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NetworkSpec:
-        known = {"name", "loss", "inputs", "outputs"}
+        known = {"name", "loss", "inputs", "outputs", "priors"}
         return cls(
             name=str(d["name"]),
             loss=str(d["loss"]),
             inputs=d.get("inputs", "mrf"),
             outputs=d.get("outputs", OUTPUT_NAMES),
             extra={k: v for k, v in d.items() if k not in known},
+            priors=d.get("priors", False),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +130,8 @@ class NetworkSpec:
             "inputs": self.inputs if isinstance(self.inputs, str) else list(self.inputs),
             "outputs": list(self.outputs),
         }
+        if self.priors:  # absent when false: the networks without priors keep their entries (and models)
+            d["priors"] = True
         d.update(self.extra)
         return d
 
@@ -123,12 +139,16 @@ class NetworkSpec:
         self, in_channels: int, widths: Sequence[int] = (32, 64, 128), bridge: int = 256, dropout: float = 0.5,
         norm: str = "none",
     ) -> UNet:
-        """The U-net for this variant (``in_channels``: number of MRF measurements for ``inputs: mrf``)."""
+        """The U-net for this variant (``in_channels``: the number of input channels, MRF measurements
+        and priors included)."""
         from .networks import UNet
 
-        if not self.uses_mrf and in_channels != len(self.inputs):
+        n_fixed = (0 if self.uses_mrf else len(self.inputs)) + (len(PRIOR_NAMES) if self.priors else 0)
+        wrong = in_channels <= n_fixed if self.uses_mrf else in_channels != n_fixed
+        if wrong:
             raise ValueError(
-                f"{self.name}: expects {len(self.inputs)} input maps, got {in_channels} channels"
+                f"{self.name}: expects {n_fixed} input channels{' plus the MRF series' if self.uses_mrf else ''}, "
+                f"got {in_channels}"
             )
         return UNet(in_channels, len(self.outputs), widths, bridge, dropout, norm=norm,
                     sigmoid_channels=self.sigmoid_channels)
@@ -136,12 +156,13 @@ class NetworkSpec:
 
 #: The named networks (the catalogue): a ``networks:`` entry of the config may be one of these names, or a
 #: mapping with one of these names and the fields it changes (``{name: MTL-5, epochs: 50}``). The first is the
-#: recommended network, MTL-5: the MRF series in, T1, T2*, NAWM, GM and lesion out, trained with the lesion
-#: recipe at the paper's size (docs/lesion-training.md); the others are the eight rows of Table 1
-#: (Hermann et al. 2021), each with its paper loss. Defined here only; the schema's default names them.
+#: recommended network, MTL-5: the MRF series and the subject's tissue priors in, T1, T2*, NAWM, GM and
+#: lesion out, trained with the lesion recipe at the paper's size (docs/lesion-training.md); the others are
+#: the eight rows of Table 1 (Hermann et al. 2021), each with its paper loss. Defined here only; the
+#: schema's default names them.
 _FIVE = ["T1", "T2star", "NAWM", "GM", "lesion"]
 NETWORK_CATALOGUE: dict[str, dict[str, Any]] = {
-    "MTL-5": {"name": "MTL-5", "loss": "multitask", "inputs": "mrf", "outputs": _FIVE,
+    "MTL-5": {"name": "MTL-5", "loss": "multitask", "inputs": "mrf", "outputs": _FIVE, "priors": True,
               "lesion_share": 0.25, "augment": True, "norm": "batch", "ema": 0.999, "mrf_scaling": "measurement",
               "dropout": 0.0},
     "MSE-5": {"name": "MSE-5", "loss": "mse", "inputs": "mrf", "outputs": _FIVE},

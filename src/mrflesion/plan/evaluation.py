@@ -11,6 +11,7 @@ from typing import Any
 
 from ..evaluate.lesion_quant import QUANT_UNITS
 from ..layout import COHORT, MODELS, WORK, derivative, derivatives, file
+from ..learn.spec import PRIOR_NAMES
 from .training import TRAIN_IMAGES, needed_images, ready_file
 
 #: Conventional-chain rules whose Snakemake benchmark files give the per-subject timings.
@@ -54,7 +55,7 @@ class EvaluationPlan:
         #: the subjects that get inference and evaluation (apply mode: not those refused)
         self.stems = [st for st in plan.stems() if st not in self.refused]
         needed = {k for n in self.networks for k in needed_images(training.networks[n])} | {"mask"}
-        self.image_kinds = [k for k in ("mrf", "T1", "T2star", "mask") if k in needed]
+        self.image_kinds = [k for k in ("mrf", "T1", "T2star", *PRIOR_NAMES, "mask") if k in needed]
         self.truth_dir = f"{plan.bids_dir}/derivatives/truth" if plan.phantom else None
 
     def truth_files(self, stem: str) -> dict[str, str]:
@@ -127,7 +128,7 @@ class EvaluationPlan:
         return d
 
     def network_images(self, stem: str) -> dict[str, str]:
-        """The T2w-space images (``mrf``, ``T1``, ``T2star``, ``mask``) the networks read."""
+        """The T2w-space images (``mrf``, ``T1``, ``T2star``, the tissue priors, ``mask``) the networks read."""
         return {k: f"{self.out}/" + TRAIN_IMAGES[k].format(stem=stem) for k in self.image_kinds}
 
     def evaluate_params(self, stem: str) -> dict[str, Any]:

@@ -37,6 +37,9 @@ TRAIN_SOURCES = {
     "GM": ("tissue", "GM"),
     "lesion": ("register", "lesion"),
     "mask": ("register", "mask"),
+    "GMprior": ("tissue", "GMprior"),
+    "WMprior": ("tissue", "WMprior"),
+    "CSFprior": ("tissue", "CSFprior"),
 }
 
 
@@ -145,7 +148,7 @@ def needed_images(spec: Mapping[str, Any]) -> list[str]:
     from ..learn.spec import NetworkSpec
 
     s = NetworkSpec.from_dict(spec)
-    kinds = ["mrf"] if s.uses_mrf else list(s.inputs)
+    kinds = list(s.input_images)
     kinds += [o for o in s.outputs if o not in kinds]
     kinds += [k for k in ("lesion", "mask") if k not in kinds]
     return [k for k in TRAIN_IMAGES if k in kinds]

@@ -27,7 +27,6 @@ from ..evaluate.subject import pure_tissue_mask, subject_metrics
 from ..io import write_derivative, write_json, write_text
 from ..layout import TEMPLATES, sidecar_path
 from ..plan.evaluation import net_label
-from ..plan.training import needed_images
 from ..provenance import provenance
 from . import StepError
 
@@ -49,6 +48,7 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
 
     from ..learn import checkpoint
     from ..learn.infer import OUTPUT_UNITS, infer_subject
+    from ..learn.spec import NetworkSpec
 
     ref = nib.load(images["mask"])
     cache: dict[Any, Any] = {}  # images loaded once for the networks that share them
@@ -57,9 +57,8 @@ def apply_networks(key: str, images: Mapping[str, str], models: Mapping[str, Map
         model = models[net]["Weights"]
         subject = {"subject": key, "mask": images["mask"]}
         ck = checkpoint.load(model)
-        for k in needed_images(ck["spec"]):
-            if k in ("mrf", "T1", "T2star"):
-                subject[k] = images[k]
+        for k in NetworkSpec.from_dict(ck["spec"]).input_images:
+            subject[k] = images[k]
         outs, rec = infer_subject(ck, subject, mode=str(cfg["mode"]), window=int(cfg["window"]),
                                   overlap=float(cfg["overlap"]), device=str(cfg["device"]),
                                   threads=threads, cache=cache)

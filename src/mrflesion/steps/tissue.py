@@ -16,7 +16,8 @@ def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dic
                 method: str = "em", prior_fwhm_mm: float = 6.0, threads: int = 2) -> dict[str, Any]:
     """GM / WM / CSF / NAWM probabilities (0-1) of a T2w-space T1 map (:func:`mrflesion.tissue.segment`,
     NAWM: :func:`mrflesion.tissue.nawm` outside ``lesion``); writes ``out[GM|WM|CSF|NAWM]`` (float32, the
-    T1 map's grid) and their sidecars. Returns the timings (seconds), the fit and the brain-mask size."""
+    T1 map's grid), the registered priors ``out[GMprior|WMprior|CSFprior]`` where ``out`` names them, and
+    their sidecars. Returns the timings (seconds), the fit and the brain-mask size."""
     import nibabel as nib
     import numpy as np
 
@@ -31,6 +32,7 @@ def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dic
     les = None if lesion is None else np.asarray(nib.load(lesion).dataobj) > 0
     maps = {k: probs[k] for k in TISSUES}
     maps["NAWM"] = nawm(probs["WM"], les)
+    maps.update({f"{k}prior": probs[f"{k}prior"] for k in TISSUES if f"{k}prior" in out})
     mask_voxels = int(probs["mask"].sum())
     fit = {k: v for k, v in info.items() if isinstance(v, str | int | float | list | dict)}
     sources = [t1map, *([] if brain_mask is None else [brain_mask]), "nilearn:MNI152 2009 GM/WM/brain mask (priors)"]
@@ -39,7 +41,12 @@ def tissue_maps(t1map: str, brain_mask: str | None, lesion: str | None, out: dic
                 f"MNI152 priors (FWHM {prior_fwhm_mm} mm) + {method} mixture with "
                 "partial-volume classes and bias field")
         src = sources
-        if k == "NAWM":
+        if k.endswith("prior"):
+            desc = (f"MNI152 2009 {k.removesuffix('prior')} prior (smoothed, FWHM {prior_fwhm_mm} mm) registered "
+                    "to the T2w-space T1 map (affine + SyN): the prior of the tissue segmentation, an input "
+                    "of the networks that read priors")
+            src = sources[:1] + sources[-1:]
+        elif k == "NAWM":
             desc = ("Normal-appearing WM: WM probability, 0 inside the T2w-space lesion mask" if lesion is not None
                     else "WM probability: no manual lesion mask, lesions not excluded")
             src = [*sources, *([] if lesion is None else [lesion])]
@@ -54,7 +61,7 @@ def tissue(smk: Any) -> None:
     """Rule ``tissue``: SPM-style tissue probabilities in T2w space, then the classical lesion baseline."""
     cfg = smk.params.cfg
     f = reads(smk)
-    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM")}
+    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM", "GMprior", "WMprior", "CSFprior")}
     res = tissue_maps(f["T1"], f["mask"], f.get("lesion"), out, method=str(cfg["method"]),
                       prior_fwhm_mm=cfg["prior_fwhm_mm"], threads=int(smk.threads))
     print(f"tissue: {rounded_timings(res['timings'])}")
