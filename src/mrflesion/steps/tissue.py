@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ..io import write_derivative
+from ..learn.spec import PRIOR_NAMES
 from . import reads, rounded_timings
 
 
@@ -61,7 +62,7 @@ def tissue(smk: Any) -> None:
     """Rule ``tissue``: SPM-style tissue probabilities in T2w space, then the classical lesion baseline."""
     cfg = smk.params.cfg
     f = reads(smk)
-    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM", "GMprior", "WMprior", "CSFprior")}
+    out = {k: smk.output[k] for k in ("GM", "WM", "CSF", "NAWM", *PRIOR_NAMES)}
     res = tissue_maps(f["T1"], f["mask"], f.get("lesion"), out, method=str(cfg["method"]),
                       prior_fwhm_mm=cfg["prior_fwhm_mm"], threads=int(smk.threads))
     print(f"tissue: {rounded_timings(res['timings'])}")
