@@ -7,17 +7,20 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from numerics import (
     VARIANTS,
     compare_matchings,
     float64_best,
     match_tie_bound,
     refined_quality_tolerance,
+    unit_signals64,
     variant_result,
 )
 
 from mrflesion.mrf.dictionary import DictionaryError, DictionaryGrid, MRFDictionary, build_dictionary
-from mrflesion.mrf.matching import MAP_KEYS, match, match_file
+from mrflesion.mrf.matching import MAP_KEYS, _SliceSearch, match, match_file
+from mrflesion.mrf.search_cpu import ClusterSearch
 from mrflesion.mrf.sequence import Protocol
 from mrflesion.mrf.signal import simulate
 
@@ -108,6 +111,52 @@ def test_svd_equals_exact(
           f"{cmp.max_gap_b:.1e} (exact), tie bound {match_tie_bound(series.shape[-1]):.1e}; "
           f"{stats['candidates_per_voxel']:.0f} of {dictionary.n_atoms} atoms scored per voxel")
     assert stats["candidates_per_voxel"] < 0.1 * dictionary.n_atoms
+
+
+def test_torch_search_equals_exact(dictionary: MRFDictionary, noisy_cases: dict) -> None:
+    """The torch pruned search (the one CUDA runs) keeps the same guarantee, run here on the CPU."""
+    series, mask, _, best = noisy_cases[20.0]
+    for z, best64 in best.items():
+        y = series[:, :, z][mask[:, :, z]].astype(np.float32)
+        y_t = torch.from_numpy(y / np.linalg.norm(y, axis=1, keepdims=True))
+        search = _SliceSearch(dictionary, z, torch.device("cpu"), "svd", torch_search=True)
+        idx, scored = search.pruned(y_t)
+        ref = search.exact(y_t)
+        atoms = dictionary.slice(z).atoms.astype(np.float64)
+        y64 = unit_signals64(y)
+        chosen = np.einsum("ij,ij->i", y64, atoms[idx.numpy()])
+        differ = idx.numpy() != ref.numpy()
+        assert np.all(best64 - chosen <= match_tie_bound(y.shape[1])), z
+        assert differ.mean() < 0.01 and scored < 0.1 * dictionary.n_atoms * y.shape[0]
+
+
+def test_cpu_kernel_ties_and_fallback() -> None:
+    """The compiled CPU search: exact ties go to the lowest atom index (as argmax over a full scan),
+    across and within clusters; a voxel whose bound cannot hold (best medoid score so low that
+    arccos(L) + theta exceeds pi) is handed back for brute force."""
+    rng = np.random.default_rng(3)
+    base = np.abs(rng.normal(size=(6, 8))).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    atoms = np.concatenate([base, base[[4, 1]]])  # atoms 6 and 7 duplicate atoms 4 and 1
+    clusters = {"order": np.array([5, 6, 2, 0, 7, 4, 3, 1]), "offsets": np.array([0, 2, 4, 8])}
+    clusters["medoids"] = atoms[[5, 2, 4]]
+    theta = []
+    for c in range(3):
+        members = atoms[clusters["order"][clusters["offsets"][c] : clusters["offsets"][c + 1]]]
+        theta.append(np.arccos(np.clip(members @ clusters["medoids"][c], -1, 1)).max() + 1e-4)
+    clusters["theta"] = np.array(theta)
+    search = ClusterSearch(atoms, clusters)
+    y = atoms[[6, 7, 4, 1, 0]].copy()  # duplicates: ties between index 4 / 6 and 1 / 7
+    idx, score, fallback, _ = search(y)
+    assert idx.tolist() == [4, 1, 4, 1, 0] and fallback.size == 0
+    np.testing.assert_allclose(score, 1.0, atol=1e-6)  # each voxel is an atom: its score is 1
+    wide = dict(clusters, theta=np.full(3, 3.1))  # cones so wide that the bound holds only for L ~ 1
+    idx, score, fallback, _ = ClusterSearch(atoms, wide)(y)
+    low = (y @ clusters["medoids"].T).max(axis=1)
+    expected = np.flatnonzero(np.arccos(np.minimum(low, 1.0)) >= np.pi - 3.1)
+    assert fallback.tolist() == expected.tolist() == [1, 3, 4]  # voxels 0 and 2 are medoids (L = 1)
+    assert np.all(idx[fallback] == atoms.shape[0]) and np.all(np.isneginf(score[fallback]))
+    assert idx[[0, 2]].tolist() == [4, 4]
 
 
 def _rel(maps: dict, truth: dict, mask: np.ndarray) -> dict[str, np.ndarray]:

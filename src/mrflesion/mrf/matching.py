@@ -28,24 +28,22 @@ Modes (both exact in the sense that they return the maximum over the whole dicti
     memory traffic, not flops); pruning scales with the number of plausible atoms instead.
     Cost per voxel: ~1024 medoid scores + ~1000 atom scores instead of 44,883.
 
-    On CPU (:meth:`_SliceSearch.pruned_cpu`) the medoid scores are bounded in the rank-r SVD space
-    (r = max(rank, 16)): ``<y, mu> <= <V^T y, V^T mu> + |y - V V^T y| |mu - V V^T mu|``, one product of
-    r + 1 columns per sub-block of voxels instead of m; the exact float32 score of the best-bounded
-    medoid is the lower bound; the cluster test runs as one comparison per (voxel, cluster) with a
-    per-bin threshold, exactly on the survivors. The candidate pairs are grouped by cluster (radix sort),
-    their signals gathered once; each cluster is one (atoms x voxels) product with a column max, and
-    only each voxel's winning cluster is scored again for its atom. Measured on the 47-slice protocol,
-    SNR 30, tissue-like voxels: ~585 atoms scored per voxel, ~5 us/voxel CPU time vs ~55-100 us for
-    numpy's brute force (benchmarks/bench_matching.py).
+    On CPU (:meth:`_SliceSearch.pruned_cpu`) the same test runs in compiled kernels
+    (:mod:`mrflesion.mrf.search_cpu`, numba): exact medoid scores by one BLAS product per sub-block of
+    voxels, the candidate (voxel, cluster) pairs grouped by cluster, each cluster one BLAS product
+    (atoms x its voxels) with a vectorised column maximum. Measured on the 47-slice protocol, SNR 30,
+    85 % tissue-like voxels: ~550 atoms scored per voxel, ~2.7 us/voxel on one core
+    (benchmarks/bench_matching.py gives the ratio to numpy's brute force on the machine at hand).
+    On CUDA (:meth:`_SliceSearch.pruned`) the pairs come from torch ops and each cluster is one
+    product, a Python loop over clusters (the GPU's launches are asynchronous).
 
 Sub-grid refinement (``refine=True``, default): the B1 grid (step 0.1) is coarse and T1 absorbs the
 B1 quantisation (median T1 error ~6 % for continuous B1); after the search, two Gauss-Newton steps
 on the signal model from the matched atom give continuous T1, T2*, B1 and a consistent M0 (see
 :class:`_Refiner`). The argmax atom is the same with or without it.
 
-torch is used throughout the search, so the same code runs on CUDA (``device="auto"``); on CPU the
-voxel blocks run in ``threads`` worker threads with one torch thread each (the search is many small
-ops, for which torch's intra-op threading mostly waits on barriers, badly so on a loaded machine).
+On CPU the voxel blocks run in ``threads`` worker threads, each with one torch and one BLAS thread (the
+kernels release the GIL); on CUDA (``device="auto"`` picks it when present) the blocks run in turn.
 """
 
 from __future__ import annotations
@@ -66,13 +64,13 @@ import torch
 from ..device import resolve_device
 from ..io import write_derivative
 from .dictionary import DictionaryError, MRFDictionary
+from .search_cpu import MARGIN as _MARGIN
+from .search_cpu import ClusterSearch, single_threaded_blas
 from .sequence import Protocol
 from .signal import simulate
 
 MAP_KEYS = ("T1", "T2star", "B1", "M0", "quality")
 MODES = ("svd", "fast", "exact")
-# Score margin of the pruning test: float32 inner products of unit vectors are good to ~1e-6.
-_MARGIN = 2e-5
 _EXACT_BLOCK_ELEMENTS = 1 << 24  # scores held at once in exact mode (64 MB float32)
 _THETA_BINS = 8  # bins of clusters sharing a pruning threshold (svd mode)
 _REFINE_ITER = 2  # Gauss-Newton steps of the sub-grid refinement
@@ -80,9 +78,6 @@ _REFINE_REUSE_JACOBIAN = True  # later steps reuse the first Jacobian (chord met
 # refined (T1, T2*, B1) stay within this many grid steps of the matched atom: a B1 error of up to
 # half a B1 step is absorbed by T1 on the grid (~12 %, 2-3 T1 steps)
 _REFINE_MAX_STEPS = (8.0, 5.0, 1.0)
-_SUB_BLOCK = 512  # voxels per medoid-bound sub-block on CPU (the bound matrices stay in cache)
-_BOUND_RANK = 16  # smallest rank of the projection that bounds the medoid scores on CPU
-_CPU_BINS = 32  # bins of clusters (by cone angle) of the first, broadcast cluster test on CPU
 
 
 class _Progress:
@@ -117,16 +112,23 @@ def _nonzero2d(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _SliceSearch:
     """Device tensors of one slice position's dictionary, and the two search modes."""
 
-    def __init__(self, dictionary: MRFDictionary, slice_index: int, device: torch.device, mode: str) -> None:
+    def __init__(
+        self, dictionary: MRFDictionary, slice_index: int, device: torch.device, mode: str, torch_search: bool = False
+    ) -> None:
+        """``torch_search``: on the CPU too, prepare :meth:`pruned` (the GPU's search; for tests)."""
         sd = dictionary.slice(slice_index)
         self.device = device
         self.atoms = torch.from_numpy(sd.atoms).to(device)
         self.norms = torch.from_numpy(sd.norms.astype(np.float32)).to(device)
+        self.norms_np = sd.norms.astype(np.float32)
         self.n_atoms = sd.n_atoms
         self.mode = mode
         if mode == "exact":
             return
         cl = sd.clusters()
+        if device.type == "cpu" and not torch_search:
+            self.cpu = ClusterSearch(sd.atoms, cl)
+            return
         theta = cl["theta"]
         # clusters renumbered by increasing cone angle, so that contiguous bins of clusters share
         # a tight largest angle (the per-bin pruning threshold)
@@ -152,40 +154,8 @@ class _SliceSearch:
         self.cos_t_np = np.cos(theta).astype(np.float32)
         self.sin_t_np = np.sin(theta).astype(np.float32)
         self.sorted_to_global = order.astype(np.int64)
-        if device.type == "cpu":
-            self._init_cpu(sd, cl["medoids"][by_theta], theta, sizes)
         # below this medoid score arccos(L) + theta may exceed pi: brute force for such voxels
         self.min_bound = float(np.cos(np.pi - theta.max()))
-
-    def _init_cpu(self, sd: Any, medoids: np.ndarray, theta: np.ndarray, sizes: np.ndarray) -> None:
-        """Rank-r bound vectors of the medoids, bins of clusters and per-cluster atom blocks (CPU)."""
-        r = int(min(max(sd.rank, _BOUND_RANK), sd.basis.shape[1]))
-        basis = np.asarray(sd.basis[:, :r], np.float64)  # orthonormal columns
-        med = medoids.astype(np.float64)
-        med_low = med @ basis
-        # residual norms, padded for the float32 rounding of basis and coordinates (~1e-7)
-        med_res = np.linalg.norm(med - med_low @ basis.T, axis=1) + 1e-6
-        n_cl = theta.size
-        per_bin = -(-n_cl // _CPU_BINS)
-        n_bins = -(-n_cl // per_bin)
-        bound = np.zeros((r + 1, n_bins * per_bin), np.float32)  # padding columns: dropped after the test
-        bound[:r, :n_cl] = med_low.T
-        bound[r, :n_cl] = med_res
-        edges = [min(j * per_bin, n_cl) for j in range(n_bins + 1)]
-        big = np.array([theta[max(e - 1, 0)] for e in edges[1:]])  # largest angle per bin (sorted)
-        self.bound_rank = r
-        self.cpu_bins = (n_bins, per_bin)
-        self.basis_t = torch.from_numpy(np.ascontiguousarray(basis, np.float32))
-        self.bound_t = torch.from_numpy(bound)
-        self.bin_cos = np.cos(big).astype(np.float32)
-        self.bin_sin = np.sin(big).astype(np.float32)
-        self.medoids_np = np.ascontiguousarray(medoids, np.float32)
-        self.cluster_sizes = np.asarray(sizes, np.int64)
-        self.offsets_np = np.asarray(self.offsets[:-1], np.int64)
-        self.cluster_atoms = [
-            self.sorted_atoms[a0:a1] for a0, a1 in zip(self.offsets[:-1], self.offsets[1:], strict=True)
-        ]
-        self.cluster_at = [a.T.contiguous() for a in self.cluster_atoms]
 
     def exact(self, y: torch.Tensor) -> torch.Tensor:
         rows = max(1, _EXACT_BLOCK_ELEMENTS // self.n_atoms)
@@ -273,106 +243,27 @@ class _SliceSearch:
             scored += int(fallback.numel()) * self.n_atoms
         return out, scored + scored_w
 
-    def pruned_cpu(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """:meth:`pruned` for the CPU: the same pruning test, with bounds from the rank-r projection.
-
-        Per sub-block of ``_SUB_BLOCK`` voxels (the bound matrix stays in cache): ``z = V^T y`` and
-        ``e_y = |y - V z|`` (rank-r basis ``V``); one product gives every medoid's upper bound
-        ``<z, V^T mu> + e_y e_mu >= <y, mu>`` (Cauchy-Schwarz on the residuals, ``e_mu = |mu - V V^T mu|``);
-        the exact float32 score of the best-bounded medoid is the lower bound ``L`` of the best atom. The
-        cluster test ``bound_c >= L cos(theta_c) - sin(arccos L) sin(theta_c)`` runs first as one
-        broadcast comparison per (voxel, cluster) against the threshold of its bin of clusters (sorted
-        by cone angle, the bin's largest angle), then exactly on the survivors. The candidate pairs are
-        grouped by cluster (radix sort of int16 keys) and their signals gathered once into one block;
-        each cluster is then one (atoms x voxels) product with a column max: the best score per pair.
-        Only the winning pair(s) of each voxel are scored again, (voxels x atoms), for the atom (first
-        maximum in ascending global index); among exact ties the lowest global index wins.
-        """
-        b = y.shape[0]
-        y_np = y.numpy()
-        r = self.bound_rank
-        n_cl = self.n_clusters
-        n_bins, per_bin = self.cpu_bins
-        za = np.empty((b, r + 1), np.float32)
-        za_t = torch.from_numpy(za)
-        torch.mm(y, self.basis_t, out=za_t[:, :r])
-        res = (y - torch.mm(za_t[:, :r], self.basis_t.T)).numpy()
-        za[:, r] = np.sqrt(np.einsum("ij,ij->i", res, res))
-        cl_parts: list[np.ndarray] = []
-        vx_parts: list[np.ndarray] = []
-        fb_parts: list[np.ndarray] = []
-        one = np.float32(1.0)
-        margin = np.float32(_MARGIN)
-        width = n_bins * per_bin
-        for s0 in range(0, b, _SUB_BLOCK):
-            zs_t = za_t[s0 : s0 + _SUB_BLOCK]
-            nb = zs_t.shape[0]
-            upper = torch.mm(zs_t, self.bound_t).numpy()  # (nb, bins * per_bin) medoid score bounds
-            low = np.einsum("ij,ij->i", y_np[s0 : s0 + nb], self.medoids_np[upper.argmax(axis=1)])
-            np.minimum(low, one, out=low)  # a medoid is an atom: lower bound of the best score
-            bad = low < self.min_bound
-            if bad.any():  # arccos(low) + theta may exceed pi: brute force for these voxels
-                fb_parts.append(np.flatnonzero(bad) + s0)
-                low[bad] = 2.0  # threshold above any score: no pairs
-            sin_low = np.sqrt(np.maximum(one - low * low, np.float32(0.0)))
-            # cluster c can hold an atom scoring >= low only if its medoid score (<= its bound) is
-            # m_c >= cos(arccos(low) + theta_c) = low cos(theta_c) - sin(arccos(low)) sin(theta_c);
-            # first with the bin's largest angle (a lower threshold), then exactly on the survivors
-            thr = np.outer(low, self.bin_cos) - np.outer(sin_low, self.bin_sin) - margin
-            f = np.flatnonzero(upper.reshape(nb, n_bins, per_bin) >= thr[:, :, None])
-            if width > n_cl:  # padding columns of the last bin
-                f = f[f % width < n_cl]
-            v, c = np.divmod(f, width)
-            exact_thr = low[v] * self.cos_t_np[c] - sin_low[v] * self.sin_t_np[c] - margin
-            ok = upper.reshape(-1)[f] >= exact_thr
-            cl_parts.append(c[ok].astype(np.int16))
-            vx_parts.append(v[ok] + s0)
-        c_np = np.concatenate(cl_parts)
-        o = np.argsort(c_np, kind="stable")  # radix sort (int16); voxels stay ascending per cluster
-        c_np = c_np[o]
-        v_np = np.concatenate(vx_parts)[o]
-        counts = np.bincount(c_np, minlength=n_cl)
-        rows_t = torch.from_numpy(np.take(y_np, v_np, axis=0)).T  # (m, pairs) view of (pairs, m) rows
-        val = np.empty(c_np.size, np.float32)
-        val_t = torch.from_numpy(val)
-        ends = np.cumsum(counts)
-        for cluster in np.flatnonzero(counts).tolist():
-            e = int(ends[cluster])
-            st = e - int(counts[cluster])
-            torch.amax(torch.mm(self.cluster_atoms[cluster], rows_t[:, st:e]), dim=0, out=val_t[st:e])
-        scored = int(np.dot(counts, self.cluster_sizes))
-        # winners: every pair reaching its voxel's best score (several for exact ties)
-        v_t = torch.from_numpy(v_np)
-        best = torch.full((b,), -math.inf, dtype=torch.float32)
-        best.scatter_reduce_(0, v_t, val_t, reduce="amax")
-        win = (val_t >= best[v_t]).numpy()
-        cw, vw = c_np[win], v_np[win]
-        rows_w = torch.from_numpy(np.take(y_np, vw, axis=0))
-        arg = np.empty(cw.size, np.int64)
-        counts_w = np.bincount(cw, minlength=n_cl)
-        ends = np.cumsum(counts_w)
-        for cluster in np.flatnonzero(counts_w).tolist():
-            e = int(ends[cluster])
-            st = e - int(counts_w[cluster])
-            arg[st:e] = torch.mm(rows_w[st:e], self.cluster_at[cluster]).numpy().argmax(axis=1)
-        gidx = self.sorted_to_global[arg + self.offsets_np[cw]]
-        out = torch.full((b,), self.n_atoms, dtype=torch.int64)
-        out.scatter_reduce_(0, torch.from_numpy(vw), torch.from_numpy(gidx), reduce="amin")
-        if fb_parts:
-            fallback = torch.from_numpy(np.concatenate(fb_parts))
-            out[fallback] = self.exact(y[fallback])
-            scored += int(fallback.numel()) * self.n_atoms
-        return out, scored
-
     def search(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Best atom (global index) per unit signal row, and the number of atoms scored."""
         if y.shape[0] == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device), 0
         if self.mode == "exact":
             return self.exact(y), y.shape[0] * self.n_atoms
-        if self.device.type == "cpu":
-            return self.pruned_cpu(y)
+        if hasattr(self, "cpu"):
+            idx, _, scored = self.pruned_cpu(y.numpy())
+            return torch.from_numpy(idx), scored
         return self.pruned(y)
+
+    def pruned_cpu(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Best atom and its score per unit row of ``y`` (numpy, float32), and the atoms scored: the
+        compiled kernels of :mod:`mrflesion.mrf.search_cpu`, brute force where their bound fails."""
+        idx, score, fallback, scored = self.cpu(y)
+        if fallback.size:
+            rows = y[fallback]
+            idx[fallback] = self.exact(torch.from_numpy(rows)).numpy()
+            score[fallback] = np.einsum("ij,ij->i", rows, self.atoms.numpy()[idx[fallback]])
+            scored += int(fallback.size) * self.n_atoms
+        return idx, score, scored
 
 
 class _Refiner:
@@ -465,6 +356,21 @@ def _cosine(sig: np.ndarray, s: np.ndarray, sig_norm: np.ndarray) -> np.ndarray:
     return np.einsum("nm,nm->n", sig, s) / (sig_norm * np.linalg.norm(s, axis=1))
 
 
+def search_torch(searcher: _SliceSearch, signals: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One block's search with torch (CUDA, or exact mode): atom index, M0 and quality of the voxels with
+    a non-zero signal, that selection (boolean over ``signals``' rows) and the atoms scored."""
+    with torch.inference_mode():
+        sig = torch.from_numpy(np.ascontiguousarray(signals, dtype=np.float32))
+        okn = np.linalg.norm(sig.numpy(), axis=1) > 0  # zero signal: maps stay 0
+        sig = sig[torch.from_numpy(okn)].to(searcher.device)
+        norm = torch.linalg.vector_norm(sig, dim=1)
+        y = sig / norm[:, None]
+        idx, scored = searcher.search(y)
+        score = (y * searcher.atoms[idx]).sum(dim=1)
+        m0 = norm * score / searcher.norms[idx]
+        return idx.cpu().numpy(), m0.cpu().numpy(), score.clamp(0.0, 1.0).cpu().numpy(), okn, scored
+
+
 def match(
     series: np.ndarray,
     dictionary: MRFDictionary,
@@ -549,19 +455,17 @@ def match(
             if z not in searchers:
                 searchers[z] = _SliceSearch(dictionary, z, dev, mode)
             searcher = searchers[z]
-        with torch.inference_mode():
-            sig = torch.from_numpy(np.ascontiguousarray(series[bx, by, z, :], dtype=np.float32))
-            norm_all = np.linalg.norm(sig.numpy(), axis=1)
-            okn = norm_all > 0  # zero signal: maps stay 0
-            sig = sig[torch.from_numpy(okn)].to(dev)
-            norm = torch.linalg.vector_norm(sig, dim=1)
-            y = sig / norm[:, None]
-            idx, scored = searcher.search(y)
-            score = (y * searcher.atoms[idx]).sum(dim=1)
-            m0 = norm * score / searcher.norms[idx]
-            idx_np = idx.cpu().numpy()
-            m0_np = m0.cpu().numpy()
-            q_np = score.clamp(0.0, 1.0).cpu().numpy()
+        if hasattr(searcher, "cpu"):  # the compiled search: numpy throughout, its scores reused
+            sig_np = np.ascontiguousarray(series[bx, by, z, :], dtype=np.float32)
+            norm_np = np.sqrt(np.einsum("ij,ij->i", sig_np, sig_np))
+            okn = norm_np > 0  # zero signal: maps stay 0
+            if not okn.all():
+                sig_np, norm_np = sig_np[okn], norm_np[okn]
+            idx_np, score_np, scored = searcher.pruned_cpu(sig_np / norm_np[:, None])
+            m0_np = norm_np * score_np / searcher.norms_np[idx_np]
+            q_np = np.clip(score_np, 0.0, 1.0)
+        else:
+            idx_np, m0_np, q_np, okn, scored = search_torch(searcher, series[bx, by, z, :])
         n_block = int(bx.size)
         bx, by = bx[okn], by[okn]
         if refiner is not None and idx_np.size:
@@ -589,7 +493,7 @@ def match(
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
                 for _ in pool.map(run, jobs):
                     pass
         finally:
@@ -599,8 +503,9 @@ def match(
         if threads is not None:
             torch.set_num_threads(int(threads))
         try:
-            for job in jobs:
-                run(job)
+            with single_threaded_blas():
+                for job in jobs:
+                    run(job)
         finally:
             torch.set_num_threads(prev_threads)
     if stats is not None:
