@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from .device import resolve_device
-from .io import write_derivative
+from .io import SERIES_GZIP_LEVEL, write_derivative
 
 __all__ = ["mppca", "denoise_file", "resolve_device"]
 
@@ -524,7 +524,7 @@ def denoise_file(
     den, sigma = mppca(data, mask=mask, patch_radius=patch_radius, device=str(dev), exact=exact)
     runtime = time.perf_counter() - t0
 
-    write_derivative(out_path, den, img, dtype=np.float32)  # the series' grid and time step
+    write_derivative(out_path, den, img, dtype=np.float32, level=SERIES_GZIP_LEVEL)  # the series' grid, time step
     write_derivative(sigma_path, sigma, img, dtype=np.float32)
 
     inside = mask if mask is not None else np.ones(sigma.shape, dtype=bool)

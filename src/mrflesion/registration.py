@@ -30,7 +30,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
 
 import ants  # noqa: E402
 
-from .io import write_derivative, write_text  # noqa: E402
+from .io import SERIES_GZIP_LEVEL, write_derivative, write_text  # noqa: E402
 
 PathLike = str | os.PathLike[str]
 ImageLike = PathLike | nib.spatialimages.SpatialImage
@@ -210,35 +209,42 @@ def _registration(**kwargs: object) -> dict:
         ants_config._random_seed = old
 
 
-# Rigid stage: Mattes MI on 30 % of the voxels (regular grid with jitter), three levels. The full-resolution
-# level costs most (paper grid: ~0.5 s per iteration) and refines little after the half-resolution one:
-# 10 iterations there instead of 50 left the FLAIR -> T2w residual at 0.082 voxels on the paper-grid phantom
-# (benchmarks/bench_papergrid.py) at 31 s instead of 55 s CPU.
+# Rigid stage: Mattes MI on 15 % of the voxels (regular grid with jitter), three levels. The metric's cost
+# grows with the sampled voxels; the full-resolution level refines little after the half-resolution one.
+# Paper-grid phantom (benchmarks/bench_papergrid.py, one thread): FLAIR -> T2w 15.0 s, residual 0.076 voxels,
+# MRF T1 -> T2w 10.4 s, rigid residual 0.376 (EPI distortion left: the PE stage follows); at 30 % of the
+# voxels 19.6 s / 0.082 and 26.1 s / 0.369; at 10 %, 0.091 and 0.392; without the full-resolution level
+# (15 %) 9.1 s / 0.087 and 5.7 s / 0.377.
 RIGID_SCHEDULE: dict[str, object] = {
-    "aff_random_sampling_rate": 0.3,
+    "aff_random_sampling_rate": 0.15,
     "aff_iterations": (200, 100, 10),
     "aff_shrink_factors": (4, 2, 1),
     "aff_smoothing_sigmas": (2, 1, 0),
 }
-# Phase-encode SyN: iterations at 1/4, 1/2 and full resolution, none at a level whose voxels are finer than
-# SYN_FINEST_MM (in-plane). A full-resolution iteration costs ~6 s on the 1 mm paper grid, where the smooth
-# field (flow sigma 4 voxels) is then the upsampled 2 mm one (paper-grid phantom, bench_papergrid.py: mean
-# residual 0.31 instead of 0.27 T2w voxels, rigid alone 0.37; about a third of the time); on 2 mm grids
-# every level iterates (there the full-resolution level matters: tests/test_registration.py).
-SYN_ITERATIONS = (40, 20, 10)
-SYN_FINEST_MM = 1.5
+# Phase-encode SyN: three levels (shrink 4, 2, 1), their iterations set by the level's in-plane voxel size:
+# SYN_LEVEL_ITERATIONS gives (smallest voxel in mm, iterations) from coarse to fine; a level finer than the
+# last entry does not iterate. On the 2 mm demo grid the levels (8, 4, 2 mm) run 40, 20, 10 iterations;
+# on the 1 mm paper grid (4, 2, 1 mm) 20, 10 and none. A 1 mm iteration costs ~6 s there and adds little
+# (the smooth field, flow sigma 4 voxels, is then the upsampled 2 mm one); paper-grid phantom
+# (bench_papergrid.py, one thread): 20, 10, 0 iterations 21 s, mean residual 0.333 T2w voxels;
+# 40, 20, 0 31 s, 0.325; 40, 20, 10 (every level) ~3x the time, 0.27; rigid alone 0.376.
+SYN_LEVEL_ITERATIONS = ((6.0, 40), (3.0, 20), (1.5, 10))
+SYN_LEVELS = 3
 
 
-def syn_schedule(spacing: Sequence[float], iterations: Sequence[int] | None = None,
-                 finest_mm: float | None = None) -> tuple[int, ...]:
+def syn_schedule(spacing: Sequence[float], level_iterations: Sequence[tuple[float, int]] | None = None
+                 ) -> tuple[int, ...]:
     """SyN iterations per level (shrink factors 2^(n-1) ... 1, as antspyx sets them) for a fixed image of
-    voxel ``spacing`` (mm): none at levels whose in-plane voxel is finer than ``finest_mm`` (defaults:
-    :data:`SYN_ITERATIONS`, :data:`SYN_FINEST_MM`)."""
-    iterations = SYN_ITERATIONS if iterations is None else iterations
-    finest_mm = SYN_FINEST_MM if finest_mm is None else finest_mm
-    n = len(iterations)
+    voxel ``spacing`` (mm): each level runs the iterations of the first entry of ``level_iterations``
+    (default :data:`SYN_LEVEL_ITERATIONS`) whose voxel size its in-plane voxel reaches, none if it is finer
+    than all of them."""
+    table = SYN_LEVEL_ITERATIONS if level_iterations is None else level_iterations
     fine = min(float(spacing[0]), float(spacing[1]))
-    return tuple(int(it) if fine * 2 ** (n - 1 - i) >= finest_mm else 0 for i, it in enumerate(iterations))
+    out = []
+    for i in range(SYN_LEVELS):
+        size = fine * 2 ** (SYN_LEVELS - 1 - i)
+        out.append(next((int(it) for mm, it in table if size >= mm - 1e-6), 0))
+    return tuple(out)
 
 
 def _rigid(fixed: ants.ANTsImage, moving: ants.ANTsImage, tmp: str,
@@ -365,14 +371,45 @@ def _apply_volume(fixed: ants.ANTsImage, vol: np.ndarray, affine: np.ndarray, tr
     return out.numpy()
 
 
-def resample_volumes(data: np.ndarray, affine: np.ndarray, transforms: list[str], shape: tuple[int, ...],
-                     reference_affine: np.ndarray, interpolator: str, threads: int = 1) -> np.ndarray:
-    """The volumes ``data[..., i]`` of a 4D array (RAS ``affine``) resampled onto the grid ``shape`` /
-    ``reference_affine`` with an ANTs transform list; stacked on the last axis (float32)."""
-    set_threads(threads)
-    fixed = nib_to_ants(np.zeros(shape[:3], dtype=np.float32), reference_affine)
-    return np.stack([_apply_volume(fixed, data[..., i], affine, transforms, interpolator)
-                     for i in range(data.shape[3])], axis=-1)
+_RAMP_PAD = 2  # voxels of ramp beyond each edge: linear interpolation of the ramp is exact up to the edge
+_RAMP_OFFSET = 10.0  # ramp values >= 8 inside the padded grid; ANTs' default 0 marks points beyond it
+
+
+def sampling_coordinates(moving_shape: tuple[int, ...], moving_affine: np.ndarray, transforms: list[str],
+                         ref_shape: tuple[int, ...], ref_affine: np.ndarray) -> np.ndarray:
+    """Voxel coordinates in the moving grid of every reference (T2w) voxel under an ANTs transform list,
+    (X, Y, Z, 3) float64: where ``ants.apply_transforms`` samples the moving image.
+
+    Obtained from ANTs itself: per axis, a ramp image (the voxel index, on the moving grid padded by
+    :data:`_RAMP_PAD` voxels) resampled with linear interpolation, which reproduces a linear function
+    exactly; points beyond the padded grid get -1e6 (outside)."""
+    fixed = nib_to_ants(np.zeros(ref_shape[:3], dtype=np.float32), ref_affine)
+    shape = tuple(int(n) + 2 * _RAMP_PAD for n in moving_shape[:3])
+    shift = np.eye(4)
+    shift[:3, 3] = -_RAMP_PAD
+    padded_affine = np.asarray(moving_affine, dtype=float) @ shift
+    coords = np.empty(tuple(ref_shape[:3]) + (3,), np.float64)
+    for axis in range(3):
+        ramp = np.arange(shape[axis], dtype=np.float32) - _RAMP_PAD + _RAMP_OFFSET
+        ramp = np.broadcast_to(ramp.reshape([-1 if i == axis else 1 for i in range(3)]), shape)
+        out = _apply_volume(fixed, np.ascontiguousarray(ramp), padded_affine, transforms, "linear")
+        coords[..., axis] = np.where(out > 0, out.astype(np.float64) - _RAMP_OFFSET, -1e6)
+    return coords
+
+
+def resample_bspline(data: np.ndarray, affine: np.ndarray, transforms: list[str], ref_shape: tuple[int, ...],
+                     ref_affine: np.ndarray, threads: int = 1, coords: np.ndarray | None = None) -> np.ndarray:
+    """A 3D volume or a 4D stack resampled onto the reference grid with cubic B-splines, as
+    ``ants.apply_transforms(interpolator="bSpline")`` per volume, but with one sampling map for all volumes
+    (:func:`sampling_coordinates`, or ``coords`` when given) and the compiled interpolation of
+    :mod:`mrflesion.bspline` (float32; 0 outside the moving grid)."""
+    from .bspline import bspline_coefficients, bspline_sample
+
+    if coords is None:
+        coords = sampling_coordinates(data.shape, affine, transforms, ref_shape, ref_affine)
+    stack = data[..., None] if data.ndim == 3 else data
+    out = bspline_sample(bspline_coefficients(stack, threads), coords, threads)
+    return out[..., 0] if data.ndim == 3 else out
 
 
 def apply_to_t2w(
@@ -384,52 +421,41 @@ def apply_to_t2w(
     rigid_only: bool = False,
     clip_negative: bool | None = None,
     threads: int = 2,
-    pool: Executor | None = None,
-    chunk: int = 3,
+    coords: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resample a moving-space 3D map or 4D series (per volume) onto the T2w grid.
 
-    ``interpolation``: "bSpline" (continuous maps, default), "linear", "nearest", "genericLabel",
-    "lanczos". ``rigid_only`` applies the rigid part only (the MRF series, as in the method).
+    ``interpolation``: "bSpline" (continuous maps, default: :func:`resample_bspline`, every volume of a
+    series with one sampling map; ``coords``: that map when the caller has it), "linear", "nearest",
+    "genericLabel", "lanczos" (ANTs, per volume). ``rigid_only`` applies the rigid part only.
     ``clip_negative`` (default: on when the input is non-negative) removes B-spline overshoot below 0
-    (T1, T2*, M0, B1 are all >= 0). ``pool``: a process pool that shares the volumes of a 4D series
-    (in chunks of ``chunk``; this process takes the chunks the pool has not started, from the end), each
-    volume resampled alike wherever it runs. Returns the resampled array and writes it to ``out_path``
-    (float32, on the T2w grid: :func:`mrflesion.io.write_derivative`) when given.
+    (T1, T2*, M0, B1 are all >= 0). Returns the resampled array and writes it to ``out_path`` (float32, on
+    the T2w grid: :func:`mrflesion.io.write_derivative`) when given.
     """
     set_threads(threads)
     interp = _INTERPOLATORS.get(interpolation.lower().replace("_", ""), interpolation)
     mimg = load_image(moving_path)
     ref = load_image(reference_t2w)
-    fixed = nib_to_ants(np.zeros(ref.shape[:3], dtype=np.float32), ref.affine)
     data = np.asarray(mimg.dataobj, dtype=np.float32)
-    transforms = result.transforms(rigid_only=rigid_only)
-    if clip_negative is None:
-        clip_negative = bool(np.nanmin(data) >= 0)
-    data = np.nan_to_num(data)
-    if data.ndim == 3:
-        out = _apply_volume(fixed, data, mimg.affine, transforms, interp)
-    elif data.ndim == 4 and pool is None:
-        out = np.stack([_apply_volume(fixed, data[..., i], mimg.affine, transforms, interp)
-                        for i in range(data.shape[3])], axis=-1)
-    elif data.ndim == 4:
-        starts = range(0, data.shape[3], max(int(chunk), 1))
-        pending = [pool.submit(resample_volumes, np.ascontiguousarray(data[..., i : i + chunk]), mimg.affine,
-                               transforms, ref.shape, ref.affine, interp, threads) for i in starts]
-        parts: dict[int, np.ndarray] = {}
-        for j in reversed(range(len(pending))):
-            if not pending[j].cancel():
-                break
-            i = starts[j]
-            parts[j] = resample_volumes(data[..., i : i + chunk], mimg.affine, transforms, ref.shape, ref.affine,
-                                        interp, threads)
-        out = np.concatenate([parts[j] if j in parts else f.result() for j, f in enumerate(pending)], axis=-1)
-    else:
+    if data.ndim not in (3, 4):
         raise ValueError(f"expected a 3D or 4D image, got shape {data.shape}")
+    transforms = result.transforms(rigid_only=rigid_only)
+    if np.isnan(data).any():  # (a copy only then: a series is large)
+        data = np.nan_to_num(data)
+    if clip_negative is None:
+        clip_negative = bool(data.min() >= 0)
+    if interp == "bSpline":
+        out = resample_bspline(data, mimg.affine, transforms, ref.shape, ref.affine, threads, coords)
+    else:
+        fixed = nib_to_ants(np.zeros(ref.shape[:3], dtype=np.float32), ref.affine)
+        vols = [data] if data.ndim == 3 else [data[..., i] for i in range(data.shape[3])]
+        out = np.stack([_apply_volume(fixed, v, mimg.affine, transforms, interp) for v in vols], axis=-1)
+        out = out[..., 0] if data.ndim == 3 else out
     if clip_negative:
         np.clip(out, 0.0, None, out=out)
     if out_path is not None:
-        write_derivative(out_path, out, ref, dtype=np.float32, time_step=1.0 if out.ndim == 4 else None)
+        write_derivative(out_path, out, ref, dtype=np.float32, time_step=1.0 if out.ndim == 4 else None,
+                         level=SERIES_GZIP_LEVEL if out.ndim == 4 else 1)
     return out
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +42,23 @@ def register_mrf_to_t2w(
     phase_encode_stage: bool = True,
     mrf_full_transform: bool = False,
     threads: int = 2,
-    pool: Executor | None = None,
+    resample_threads: int | None = None,
 ) -> dict[str, Any]:
     """T1 map (MRF space) -> T2w, then resample the maps, the MRF series and the brain mask.
 
     ``maps``: MRF-space maps by key (``T1``, ``T2star``, ``B1``, ``M0``); ``out``: output paths by
     key (``rigid``, ``xfm_json``, ``warp``/``inverse_warp`` with the PE stage, the map keys, ``MRF``,
     ``mask``). Transforms are written under the names :mod:`mrflesion.registration` uses, derived
-    from ``out["rigid"]``. ``pool``: a process pool that shares the resampling of the MRF series
-    (:func:`mrflesion.registration.apply_to_t2w`). Returns the per-step timings (seconds) and the result.
+    from ``out["rigid"]``. ANTs runs with ``threads``; the B-spline resampling of the series and maps
+    (one sampling map for all of them: :func:`mrflesion.registration.resample_bspline`) with
+    ``resample_threads`` (default ``threads``). Returns the per-step timings (seconds) and the result.
     """
     import tempfile
 
-    from ..registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w, uncompressed
+    import nibabel as nib
+    import numpy as np
+
+    from ..registration import apply_to_t2w, mask_to_t2w, register_t1_to_t2w, sampling_coordinates, uncompressed
 
     prefix = stem_of_path(out["rigid"], "register", "rigid")
     timings: dict[str, float] = {}
@@ -68,16 +71,24 @@ def register_mrf_to_t2w(
         for key, path in (("warp", res.warp), ("inverse_warp", res.inverse_warp)):
             if key in out and Path(out[key]).resolve() != Path(path).resolve():  # type: ignore[arg-type]
                 raise ValueError(f"{key} written to {path}, expected {out[key]}")
+    n_threads = threads if resample_threads is None else int(resample_threads)
     with tempfile.TemporaryDirectory(prefix="mrflesion_apply_") as folder:
         app = uncompressed(res, folder)
-        t0 = time.perf_counter()  # the series first: a pool shares it from the start
-        apply_to_t2w(mrf, app, t2w, out["MRF"], interpolation="bSpline", rigid_only=not mrf_full_transform,
-                     clip_negative=True, threads=threads, pool=pool)
+        t0 = time.perf_counter()
+        moving, ref = nib.load(maps["T1"]), nib.load(t2w)
+        coords = sampling_coordinates(moving.shape, moving.affine, app.transforms(), ref.shape, ref.affine)
+        timings["apply_coordinates"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        series = nib.load(mrf)
+        same_grid = series.shape[:3] == moving.shape[:3] and np.allclose(series.affine, moving.affine)
+        apply_to_t2w(series, app, t2w, out["MRF"], interpolation="bSpline", rigid_only=not mrf_full_transform,
+                     clip_negative=True, threads=n_threads,
+                     coords=coords if mrf_full_transform and same_grid else None)
         timings["apply_MRF"] = time.perf_counter() - t0
         for key in MAP_KEYS:
             t0 = time.perf_counter()
             apply_to_t2w(maps[key], app, t2w, out[key], interpolation="bSpline", rigid_only=False,
-                         clip_negative=True, threads=threads)
+                         clip_negative=True, threads=n_threads, coords=coords)
             timings[f"apply_{key}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask = mask_to_t2w(mrf_mask, app, t2w, None, threshold=0.5, threads=threads)
@@ -90,8 +101,8 @@ def register_both(mrf: dict[str, Any], flair: dict[str, Any], parallel: bool = T
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """:func:`register_mrf_to_t2w` (``**mrf``) and :func:`register_flair_lesion` (``**flair``), each with
     single-threaded ANTs (reproducible run to run); with ``parallel`` the FLAIR registration runs in a
-    forked process beside the MRF one, which then shares the resampling of the MRF series (two cores,
-    the same results as one after the other)."""
+    forked process beside the MRF one (two cores, the same results as one after the other), and the
+    MRF resampling, which starts when the FLAIR side is done, uses both cores."""
     mrf, flair = {**mrf, "threads": 1}, {**flair, "threads": 1}
     if not parallel:
         return register_mrf_to_t2w(**mrf), register_flair_lesion(**flair)
@@ -100,7 +111,7 @@ def register_both(mrf: dict[str, Any], flair: dict[str, Any], parallel: bool = T
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
         pending = pool.submit(register_flair_lesion, **flair)
-        info_mrf = register_mrf_to_t2w(**mrf, pool=pool)  # the pool then shares the MRF series
+        info_mrf = register_mrf_to_t2w(**mrf, resample_threads=2)
         return info_mrf, pending.result()
 
 
