@@ -145,6 +145,8 @@ class SliceDictionary:
     rank: int  # rank keeping rank_energy of the energy
     labels: np.ndarray  # (n_atoms,) int32 cluster of each atom
     _clusters: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    #: search structures derived from the atoms, built by :mod:`mrflesion.mrf.matching` on first use
+    searches: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n_atoms(self) -> int:

@@ -127,7 +127,9 @@ class _SliceSearch:
             return
         cl = sd.clusters()
         if device.type == "cpu" and not torch_search:
-            self.cpu = ClusterSearch(sd.atoms, cl)
+            if "cpu" not in sd.searches:  # kept with the slice dictionary: built once per dictionary
+                sd.searches["cpu"] = ClusterSearch(sd.atoms, cl)
+            self.cpu = sd.searches["cpu"]
             return
         theta = cl["theta"]
         # clusters renumbered by increasing cone angle, so that contiguous bins of clusters share

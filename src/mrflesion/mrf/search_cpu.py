@@ -284,7 +284,7 @@ class ClusterSearch:
     (``order``, ``offsets``, ``medoids``, ``theta``).
     """
 
-    def __init__(self, atoms: np.ndarray, clusters: dict[str, np.ndarray], sub_block: int = 512,
+    def __init__(self, atoms: np.ndarray, clusters: dict[str, np.ndarray], sub_block: int = 1024,
                  n_super: int | None = None) -> None:
         self.n_atoms = int(atoms.shape[0])
         if self.n_atoms >= 1 << 24:
