@@ -54,6 +54,16 @@ def _column_max(block, out):  # type: ignore[no-untyped-def]
             out[i] = v if v > out[i] else out[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _gather(y, index, start, count, rows):  # type: ignore[no-untyped-def]
+    """``rows[r] = y[index[start + r]]`` for ``r < count`` (the signals of a group of voxels)."""
+    for r in range(count):
+        src = y[index[start + r]]
+        dst = rows[r]
+        for k in range(src.size):
+            dst[k] = src[k]
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
 def _compress(hit, n_words, index, out, count):  # type: ignore[no-untyped-def]
     """Append ``index[i]`` to ``out`` for every set ``hit[i]`` (8 flags per test); return the new count."""
@@ -141,11 +151,7 @@ def _candidate_pairs(y, super_medoids, s_cos, s_sin, s_pi, s_off, medoids, cos_t
             ms_off[g] = mp
             if ng == 0:
                 continue
-            for r in range(ng):
-                src = ys[live_v[v0 + r]]
-                dst = rows[r]
-                for k in range(m):
-                    dst[k] = src[k]
+            _gather(ys, live_v, v0, ng, rows)
             c0 = s_off[g]
             c1 = s_off[g + 1]
             block = np.dot(medoids[c0:c1], rows[:ng].T)  # (clusters of g, live voxels)
@@ -238,11 +244,7 @@ def _scan_pairs(y, pv, pc, offsets, atoms, rev_index, n_atoms, best, best_index)
         nc = start[c + 1] - p0
         if nc == 0:
             continue
-        for r in range(nc):
-            src = y[voxels[p0 + r]]
-            dst = rows[r]
-            for k in range(m):
-                dst[k] = src[k]
+        _gather(y, voxels, p0, nc, rows)
         a0 = offsets[c]
         a1 = offsets[c + 1]
         s = np.dot(atoms[a0:a1], rows[:nc].T)  # (atoms, voxels): the pass below runs along rows
