@@ -390,7 +390,8 @@ def match(
 
     ``mask``: voxels to match (default: every voxel with a non-zero signal); outside it the maps
     are 0. ``timing_key``: the series' timing key, checked against the dictionary when given.
-    ``block_voxels`` bounds memory (voxels matched at once). ``threads``: torch CPU threads.
+    ``block_voxels`` bounds memory (voxels matched at once). ``threads``: CPU worker threads over the voxel
+    blocks (each with one torch and one BLAS thread; default: torch's thread count).
     ``stats``: if a dict is given it receives ``voxels``, ``device``, ``mode`` and ``candidates``
     (atoms scored exactly per voxel, svd mode). ``refine``: sub-grid refinement of T1, T2*, B1 and
     M0 around the matched atom (see :class:`_Refiner`; the atom itself is the same either way).
