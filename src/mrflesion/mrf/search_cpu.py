@@ -282,7 +282,7 @@ def single_threaded_blas() -> Iterator[None]:
 class ClusterSearch:
     """The CPU search of one slice position's dictionary (see the module docstring).
 
-    ``atoms`` (n_atoms, m) float32 unit rows; ``clusters``: :meth:`DictionarySlice.clusters`'s dict
+    ``atoms`` (n_atoms, m) float32 unit rows; ``clusters``: :meth:`SliceDictionary.clusters`'s dict
     (``order``, ``offsets``, ``medoids``, ``theta``).
     """
 
@@ -316,7 +316,7 @@ class ClusterSearch:
         self.sin_t = np.sin(theta).astype(np.float32)
         self.super_offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_super))]).astype(np.int64)
         # each super: the member medoid closest to the members' mean direction, and the cone angle
-        # about it that holds every atom of the super (float64, padded for float32 rounding)
+        # about it that holds every atom of the super (float32 products, padded for their rounding)
         super_medoids = np.empty((n_super, medoids.shape[1]), np.float32)
         big = np.empty(n_super)
         for g in range(n_super):
