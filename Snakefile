@@ -24,6 +24,7 @@ include: "rules/config.smk"
 include: "rules/common.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/longitudinal.smk"
 include: "rules/phantom.smk"
 include: "rules/inputs.smk"
 include: "rules/qmri.smk"
@@ -49,6 +50,8 @@ rule all:
         rules.group.input,
         [] if TRAINING.problem() or APPLY else rules.train.input,
         [] if TRAINING.problem() else rules.group_evaluation.output,
+        # new and enlarging lesions, when the cohort has pairs of sessions (rules/longitudinal.smk)
+        LONG.targets(),
 
 
 # Planning a large cohort allocates millions of small objects, and Python's default cyclic-GC

@@ -7,7 +7,7 @@ from snakemake.common import overwrite_function_params
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from mrflesion.layout import COHORT, GROUP_EVALUATION, MODELS, STEM_REGEX, WORK as WORK_FILES
+from mrflesion.layout import COHORT, GROUP_EVALUATION, LONGITUDINAL, MODELS, STEM_REGEX, WORK as WORK_FILES
 from mrflesion.layout import derivative, derivatives, file, files
 from mrflesion.plan.subjects import failure_record_path, make_plan
 

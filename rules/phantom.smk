@@ -9,6 +9,8 @@ if PLAN.phantom:
             files=[f for s in PLAN.subjects.values() for f in (*s.files.values(), s.sidecar)],
             # ground truth that the evaluation reads (mrflesion.layout: truth)
             truth=EVAL.all_truth_files(),
+            # the pairs' true and manual new/enlarged masks (longitudinal phantom)
+            longitudinal=LONG.phantom_files(),
         params:
             out=lambda wc, output: os.path.dirname(output.description),
             cfg=config["phantom"],

@@ -367,6 +367,161 @@ def test_longitudinal(tiny: dict[str, Path]) -> None:
     assert np.abs(w1 - w2).mean() > 0.005
 
 
+# --------------------------------------------------------------------------------------- longitudinal stage truth
+@pytest.fixture(scope="module")
+def demo_long(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """Longitudinal phantom on the demo voxel grid: site1 control + patient, site2 patient."""
+    out = tmp_path_factory.mktemp("demo_long") / "bids"
+    table = generate(out, n_subjects=3, n_sites=2, seed=22, longitudinal=True, n_jobs=2, progress=False,
+                     _grid_override=DEMO_SLAB)
+    return out, table
+
+
+def _ses_file(root: Path, tree: str, sub: str, ses: str, name: str) -> Path:
+    return root / "derivatives" / tree / sub / ses / "anat" / f"{sub}_{ses}_{name}"
+
+
+def _in_fov(img: nib.Nifti1Image, other: nib.Nifti1Image, matrix: np.ndarray) -> np.ndarray:
+    """Voxels of ``img`` whose centre, moved by the world transform ``matrix``, lies in ``other``'s grid."""
+    ijk = np.indices(img.shape).reshape(3, -1)
+    vox2vox = np.linalg.inv(other.affine) @ matrix @ img.affine
+    q = vox2vox[:3, :3] @ ijk + vox2vox[:3, 3:4]
+    return np.all((q > -0.5) & (q < np.array(other.shape)[:, None] - 0.5), axis=0).reshape(img.shape)
+
+
+def _components(mask: np.ndarray, voxel_ml: float, min_ml: float = 0.01) -> int:
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    return int((np.bincount(lab.ravel())[1:] * voxel_ml >= min_ml - 1e-9).sum())
+
+
+def test_longitudinal_flair_newenlarged_truth(demo_long: tuple[Path, pd.DataFrame]) -> None:
+    root, table = demo_long
+    vol_flair = vol_t2w = 0.0
+    for _, row in table.iterrows():
+        sub = row["participant_id"]
+        mask_p = _ses_file(root, "truth", sub, "ses-02", "space-FLAIR_label-newenlarged_mask.nii.gz")
+        dseg_p = _ses_file(root, "truth", sub, "ses-02", "space-FLAIR_desc-newenlarged_dseg.nii.gz")
+        for p in (mask_p, dseg_p):
+            assert nib.load(p).get_data_dtype() == np.uint8
+            assert "Units" in json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())
+            assert not Path(str(p).replace("ses-02", "ses-01")).exists()  # follow-up sessions only
+        lut = dseg_p.with_name(dseg_p.name.replace(".nii.gz", ".tsv")).read_text()
+        assert lut == "index\tname\n1\tnew\n2\tenlarged\n"
+        mask, dseg = _load(mask_p).astype(int), _load(dseg_p).astype(int)
+        flair = nib.load(root / sub / "ses-02" / "anat" / f"{sub}_ses-02_FLAIR.nii.gz")
+        assert mask.shape == flair.shape and np.allclose(nib.load(mask_p).affine, flair.affine)
+        if row["group"] == "control":
+            assert mask.sum() == 0 and dseg.sum() == 0
+            continue
+        # the kinds cover exactly the mask, which lies in the follow-up lesion mask
+        assert set(np.unique(dseg)) <= {0, 1, 2} and np.array_equal(dseg > 0, mask > 0)
+        lesion = _load(_ses_file(root, "truth", sub, "ses-02", "space-FLAIR_label-lesion_mask.nii.gz"))
+        assert np.all(lesion[mask > 0] > 0)
+        # the generator's lesions: 1-4 new, 1-3 enlarged by a volume factor 1.6-3.0, the rest unchanged
+        tabs = [pd.read_csv(_ses_file(root, "truth", sub, s, "space-T2w_desc-lesionid_dseg.tsv"), sep="\t")
+                .set_index("index") for s in ("ses-01", "ses-02")]
+        new_ids = sorted(set(tabs[1].index) - set(tabs[0].index))
+        factor = (tabs[1]["nominal_volume_ml"] / tabs[0]["nominal_volume_ml"]).dropna()
+        enlarged = factor[factor > 1.0 + 1e-6]
+        assert 1 <= len(new_ids) <= 4 and min(new_ids) > max(tabs[0].index)
+        assert 1 <= len(enlarged) <= 3 and enlarged.between(1.6 - 1e-4, 3.0 + 1e-4).all()
+        assert np.allclose(factor.drop(enlarged.index), 1.0)
+        # 26-connected components (>= 0.01 ml): one per new lesion (new lesions are >= 4 mm from any other
+        # lesion and >= 0.05 ml), and none mixes new and enlarged tissue; an enlarging lesion adds its grown
+        # rim, which may fall apart into several components, so only "at least one" holds for them
+        vox_ml = float(np.prod(flair.header.get_zooms()[:3])) / 1000.0
+        n_new, n_enl = _components(dseg == 1, vox_ml), _components(dseg == 2, vox_ml)
+        assert n_new == len(new_ids)
+        assert n_enl >= 1
+        assert _components(mask > 0, vox_ml) == n_new + n_enl
+        # the same lesions on the T2w grid: compare the volumes where the two fields of view overlap
+        t2w_p = _ses_file(root, "truth", sub, "ses-02", "space-T2w_label-newenlarged_mask.nii.gz")
+        t2w = nib.load(t2w_p)
+        m = np.asarray(json.loads(_ses_file(root, "truth", sub, "ses-02",
+                                            "from-FLAIR_to-T2w_mode-image_xfm.json").read_text())["Matrix"])
+        img_f = nib.load(mask_p)
+        v_f = float(mask[_in_fov(img_f, t2w, m)].sum()) * vox_ml
+        v_t = float(_load(t2w_p)[_in_fov(t2w, img_f, np.linalg.inv(m))].sum()) * float(
+            np.prod(t2w.header.get_zooms()[:3])) / 1000.0
+        if v_t >= 0.5:  # small totals are mostly one-voxel rims: their volume is at the mercy of the grid
+            assert abs(v_f - v_t) <= 0.25 * v_t, (sub, v_f, v_t)
+        vol_flair, vol_t2w = vol_flair + v_f, vol_t2w + v_t
+    assert vol_t2w > 1.0 and abs(vol_flair - vol_t2w) <= 0.25 * vol_t2w, (vol_flair, vol_t2w)
+
+
+def test_longitudinal_manual_newenlarged(demo_long: tuple[Path, pd.DataFrame]) -> None:
+    root, table = demo_long
+    inter = total = 0.0
+    for _, row in table.iterrows():
+        sub = row["participant_id"]
+        man_p = _ses_file(root, "manual", sub, "ses-02", "space-FLAIR_label-newenlarged_mask.nii.gz")
+        assert nib.load(man_p).get_data_dtype() == np.uint8
+        side = json.loads(man_p.with_name(man_p.name.replace(".nii.gz", ".json")).read_text())
+        assert side["Type"] == "Lesion" and "new/enlarged" in side["Description"]
+        assert side["Sources"] == [f"bids:raw:{sub}/ses-02/anat/{sub}_ses-02_FLAIR.nii.gz",
+                                   f"bids:raw:{sub}/ses-01/anat/{sub}_ses-01_FLAIR.nii.gz"]
+        assert not Path(str(man_p).replace("ses-02", "ses-01")).exists()
+        man = _load(man_p) > 0
+        truth = _load(_ses_file(root, "truth", sub, "ses-02", "space-FLAIR_label-newenlarged_mask.nii.gz")) > 0
+        if row["group"] == "control":
+            assert man.sum() == 0
+            continue
+        assert man.sum() > 0 and not np.array_equal(man, truth)  # rater-like, not the truth
+        inter += float((man & truth).sum())
+        total += float(man.sum() + truth.sum())
+        # the gain of the follow-up differs from the baseline's by the global intensity change
+        gains = [json.loads(_ses_file(root, "truth", sub, s, "space-T2w_M0map.json").read_text())["Gain"]
+                 for s in ("ses-01", "ses-02")]
+        assert 0.85 <= gains[1] / gains[0] <= 1.15 and gains[1] != gains[0]
+    dice = 2 * inter / total
+    assert 0.5 < dice < 0.95, dice  # measured 0.70 (per patient 0.81, 0.49)
+
+
+def test_followup_lesion_draws() -> None:
+    """The follow-up's lesions as drawn: 1-4 new ones clear of every other lesion, 1-3 enlarged ones."""
+    from mrflesion.phantom.anatomy import get_atlas
+    from mrflesion.phantom.lesions import clearance_mm
+    from mrflesion.phantom.subject import SubjectModel
+
+    cfg, atlas = load_config(), get_atlas()
+    fu = cfg["lesions"]["followup"]
+    for index in range(1, 9):
+        group = "control" if index == 1 else "patient"
+        subj = SubjectModel.draw(cfg, cfg["grids"]["demo"], atlas, 5, index, "sub-x", "site1", group,
+                                 ["ses-01", "ses-02"])
+        base, follow = subj.sessions
+        assert base.previous_lesions is None and base.enlarged_ids == ()
+        assert follow.previous_lesions is not None and len(follow.previous_lesions) == len(base.lesions)
+        assert all(a is b for a, b in zip(follow.previous_lesions, base.lesions, strict=True))
+        if group == "control":
+            assert follow.lesions == [] and follow.enlarged_ids == ()
+            continue
+        old = {le.lesion_id: le for le in base.lesions}
+        new = [le for le in follow.lesions if le.lesion_id not in old]
+        assert 1 <= len(new) <= 4 and 1 <= len(follow.enlarged_ids) <= 3
+        for le in follow.lesions:
+            if le.lesion_id in follow.enlarged_ids:
+                assert 1.6 - 1e-9 <= le.volume_ml / old[le.lesion_id].volume_ml <= 3.0 + 1e-9
+            elif le.lesion_id in old:
+                assert le is old[le.lesion_id]
+        for le in new:
+            others = [o for o in follow.lesions if o is not le]
+            assert clearance_mm(le, others, fu["min_gap_mm"], step=0.25) >= fu["min_gap_mm"] - 0.5
+        assert 0.85 <= follow.gain_factor <= 1.15 and not np.allclose(follow.pose_t2w, base.pose_t2w)
+
+
+def test_longitudinal_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
+    again = tmp_path / "long"
+    generate(again, n_subjects=2, n_sites=2, seed=6, longitudinal=True, n_jobs=2, progress=False,
+             _grid_override=TINY)
+    h0, h1 = _hashes(tiny["long"]), _hashes(again)
+    assert h0 == h1
+    for tree, name in (("truth", "space-FLAIR_label-newenlarged_mask"), ("truth", "space-FLAIR_desc-newenlarged_dseg"),
+                       ("manual", "space-FLAIR_label-newenlarged_mask")):
+        for sub in ("sub-01", "sub-02"):
+            assert f"derivatives/{tree}/{sub}/ses-02/anat/{sub}_ses-02_{name}.nii.gz" in h0
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from mrflesion.phantom.config import load_config
 

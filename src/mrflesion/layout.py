@@ -172,6 +172,33 @@ DERIVATIVES: dict[str, dict[str, dict[str, str]]] = {
         "lesion": {**_T2W, "label": "lesion", "suffix": "mask"},
         "lesionid": {**_T2W, "desc": "lesionid", "suffix": "dseg"},
     },
+    # rule longitudinal_prepare (one job per baseline/follow-up pair, on the follow-up's stem): both
+    # FLAIRs in the pair's halfway space, normalised, its brain mask, the manual new/enlarged mask there
+    # (training target), the transforms, and the baseline's manual lesion mask on the follow-up grid
+    "longitudinal": {
+        "baseline": {"space": "halfway", "desc": "baseline", "suffix": "FLAIR"},
+        "followup": {"space": "halfway", "desc": "followup", "suffix": "FLAIR"},
+        "brain": {"space": "halfway", "desc": "brain", "suffix": "mask"},
+        "target": {"space": "halfway", "label": "newenlarged", "suffix": "mask"},
+        "xfm": {"desc": "halfway", "suffix": "xfm", "extension": ".json"},
+        "lesion_baseline": {"space": "FLAIR", "label": "lesion", "desc": "baseline", "suffix": "mask"},
+    },
+    # rule longitudinal_evaluate: each method's new/enlarged map on the follow-up's FLAIR grid
+    # ({label}: the network's name or ``subtraction``), the pair's metrics and report
+    "longitudinal_method": {
+        "prob": {"space": "FLAIR", "label": "newenlarged", "desc": "{label}", "suffix": "probseg"},
+        "mask": {"space": "FLAIR", "label": "newenlarged", "desc": "{label}", "suffix": "mask"},
+    },
+    "longitudinal_evaluation": {
+        "metrics": {"desc": "longitudinal", "suffix": "metrics", "extension": ".tsv"},
+        "lesions": {"desc": "longitudinal", "suffix": "lesions", "extension": ".tsv"},
+        "report": {"desc": "longitudinal", "suffix": "report", "extension": ".html"},
+    },
+    # the phantom's true new/enlarged lesions on the follow-up's FLAIR grid (mask; dseg 1 new, 2 enlarged)
+    "truth_longitudinal": {
+        "mask": {"space": "FLAIR", "label": "newenlarged", "suffix": "mask"},
+        "dseg": {"space": "FLAIR", "desc": "newenlarged", "suffix": "dseg"},
+    },
     # the phantom's per-lesion truth (the BIDS dseg look-up table of truth ``lesionid``)
     "truth_table": {
         "lesionid": {**_T2W, "desc": "lesionid", "suffix": "dseg", "extension": ".tsv"},
@@ -241,6 +268,20 @@ GROUP_EVALUATION = {
     "report": "group/report.html",
 }
 
+#: The longitudinal stage's cohort files under ``output_dir`` (rules longitudinal_*): the pairs and their
+#: split, the trained network and the comparator's thresholds, the per-pair metrics, per-site tables and
+#: the report.
+LONGITUDINAL = {
+    "pairs": "group/longitudinal_pairs.tsv",
+    "best": "models/longitudinal/{network}/best.pt",
+    "history": "models/longitudinal/{network}/history.tsv",
+    "comparator": "models/longitudinal/subtraction.json",
+    "metrics": "group/longitudinal_metrics.tsv",
+    "summary": "group/longitudinal_summary_sites.tsv",
+    "tests": "group/longitudinal_tests.tsv",
+    "report": "group/longitudinal_report.html",
+}
+
 #: The trained networks, relative to the models directory (``output_dir/models``; in apply mode the
 #: config's ``models``): the record of every network, and per network its weights, training history,
 #: training sidecar and model card.
@@ -261,6 +302,7 @@ WORK = {
     "benchmark": "benchmarks/{step}/{stem}.tsv",
     "training_set": "train/training_set.json",
     "train_state": "train/{network}",
+    "longitudinal_state": "train/longitudinal/{network}",
     "failed_check": "logs/check_inputs/{stem}.failed.json",  # beside the check's log (mrflesion.plan.subjects)
 }
 

@@ -31,6 +31,7 @@ from .fields import FourierField, apply_affine
 from .lesions import TRUTH_TABLE_COLUMNS, lesion_id_map, lesion_truth_rows
 from .subject import (
     _S_MANUAL,
+    _S_MANUAL_NEW,
     _S_NOISE_FLAIR,
     _S_NOISE_MRF,
     _S_NOISE_T2W,
@@ -367,7 +368,9 @@ def _write_session(
     sp = spaces["FLAIR"]
     aff = sp.affine
     world_f = sp.world_centres()
-    r_f: Rendered = compose(subject, render(subject, sp, atlas, ses.lesions))
+    # at a follow-up also the baseline's lesion fraction and the owner of the new lesion tissue
+    raw_f = render(subject, sp, atlas, ses.lesions, extra_lesions=ses.previous_lesions)
+    r_f: Rendered = compose(subject, raw_f)
     fc = cfg["flair"]
     ref_f = float(
         inversion_recovery(nominal["pd"], nominal["t1"], nominal["t2"], fc["tr_ms"], fc["ti_ms"], fc["te_ms"])
@@ -407,6 +410,64 @@ def _write_session(
             "Sources": [f"bids:raw:{rel.as_posix()}/{nm('FLAIR')}"],
         },
     )
+    if ses.previous_lesions is not None:
+        # the new/enlarged lesions on the follow-up's FLAIR grid: the true mask (the rule of the T2w
+        # one), their kind, and the simulated rater's mask (the rater model of the manual lesion mask on
+        # the fraction of new lesion tissue, own random stream)
+        frac_f = r_f.fractions["lesion"]
+        newm_f = (les_f > 0) & (r_f.extra < 0.5 * frac_f)
+        truth(
+            nm("mask", space="FLAIR", label="newenlarged"),
+            newm_f.astype(np.uint8),
+            aff,
+            _truth_sidecar(
+                "1",
+                "New or enlarging lesions at follow-up in FLAIR space: voxels of the follow-up lesion "
+                "mask (dominant component) in which more than half of the lesion tissue was absent at "
+                "baseline.",
+            ),
+        )
+        # the lesion holding most of a voxel's new tissue: new (id absent at baseline) or enlarged
+        owner = np.array([0] + [le.lesion_id for le in ses.lesions], dtype=np.int64)[raw_f["new_owner"]]
+        is_new = (owner > 0) & ~np.isin(owner, [le.lesion_id for le in ses.previous_lesions])
+        kind = np.where(is_new, 1, np.where(np.isin(owner, list(ses.enlarged_ids)), 2, 0))
+        dseg = nm("dseg", space="FLAIR", desc="newenlarged")
+        truth(
+            dseg,
+            (kind * newm_f).astype(np.uint8),
+            aff,
+            _truth_sidecar(
+                "1",
+                "New/enlarged lesions at follow-up in FLAIR space by kind: 1 new lesion (absent at "
+                "baseline), 2 enlarging lesion (a baseline lesion that grew), 0 elsewhere; nonzero exactly "
+                "on label-newenlarged_mask. A voxel takes the kind of the lesion holding most of its new "
+                "lesion tissue. The levels are in the .tsv of the same name.",
+            ),
+        )
+        write_tsv(truth_dir / nm("dseg", ".tsv", space="FLAIR", desc="newenlarged"), ["index", "name"],
+                  [[1, "new"], [2, "enlarged"]])
+        manual_new = _manual_mask(
+            rng_for(subject.seed, subject.index, _S_MANUAL_NEW, ses.stream),
+            np.clip(frac_f - r_f.extra, 0.0, None),
+            world_f,
+            sp.voxel_mm,
+            cfg["manual"],
+        )
+        mname = nm("mask", space="FLAIR", label="newenlarged")
+        write_nifti(man_dir / mname, manual_new, aff, level)
+        prev = next(p for p, s in zip(subject.sessions, subject.sessions[1:], strict=False) if s is ses)
+        prev_flair = Path(sub) / str(prev.label) / "anat" / bids_name(sub, prev.label, "FLAIR")
+        write_json(
+            Path(sidecar_path(man_dir / mname)),
+            {
+                "Type": "Lesion",
+                "Description": "Simulated rater's new/enlarged lesion mask on the follow-up FLAIR: new "
+                "lesions and the grown parts of enlarging lesions since the previous session (rater-like: "
+                "boundary jitter, occasional generous outlines, some small ones missed).",
+                "Sources": [f"bids:raw:{rel.as_posix()}/{nm('FLAIR')}", f"bids:raw:{prev_flair.as_posix()}"],
+            },
+        )
+        stats["newenlarged_voxels_FLAIR"] = int(newm_f.sum())
     stats["lesions"] = len(ses.lesions)
     return stats
 

@@ -176,7 +176,13 @@ def followup_lesions(
     cfg: dict[str, Any],
     tissue_cfg: dict[str, Any],
 ) -> list[Lesion]:
-    """Follow-up lesion set: the baseline lesions, some enlarged, plus new lesions."""
+    """Follow-up lesion set: the baseline lesions, some enlarged, plus new lesions.
+
+    A new lesion is drawn again (up to ``followup.placement_tries`` times) while it lies closer than
+    ``followup.min_gap_mm`` to a lesion of the follow-up set (baseline, enlarged or new), so that it is
+    new tissue and a lesion of its own; if no draw is clear, the clearest one is kept. The first draw
+    that is clear is the draw of the generator without this rule (same random stream).
+    """
     fu = cfg["followup"]
     out = list(baseline)
     if not baseline:
@@ -186,10 +192,50 @@ def followup_lesions(
         out[i] = baseline[i].scaled(float(rng.uniform(*fu["enlarge_factor"])))
     n_new = int(rng.integers(fu["new"][0], fu["new"][1] + 1))
     next_id = max(les.lesion_id for les in baseline) + 1
+    gap = float(fu.get("min_gap_mm", 0.0))
     for j in range(n_new):
-        v = float(np.exp(rng.uniform(*np.log(fu["new_volume_ml"]))))
-        out.append(make_lesion(rng, atlas, next_id + j, v, z_range, cfg, tissue_cfg))
+        best, best_gap = None, -1.0
+        for _ in range(max(1, int(fu.get("placement_tries", 1)))):
+            v = float(np.exp(rng.uniform(*np.log(fu["new_volume_ml"]))))
+            cand = make_lesion(rng, atlas, next_id + j, v, z_range, cfg, tissue_cfg)
+            g = clearance_mm(cand, out, gap) if gap > 0 else gap
+            if g > best_gap:
+                best, best_gap = cand, g
+            if g >= gap:
+                break
+        assert best is not None
+        out.append(best)
     return out
+
+
+def clearance_mm(lesion: Lesion, others: list[Lesion], limit: float, step: float = 0.5) -> float:
+    """Distance (mm, anatomical) between ``lesion`` and the nearest of ``others``, capped at ``limit``:
+    0 where they overlap. Sampled on a ``step`` mm grid around ``lesion`` (exact to about a step)."""
+    def close(o: Lesion) -> bool:  # bounding spheres of some pair of blobs within ``limit``
+        return any(np.linalg.norm(a.centre - b.centre) < a.reach + b.reach + limit
+                   for a in lesion.blobs for b in o.blobs)
+
+    near = [o for o in others if close(o)]
+    if not near:
+        return float(limit)
+    centres = np.stack([b.centre for b in lesion.blobs])
+    reach = max(b.reach for b in lesion.blobs) + limit + step
+    lo, hi = centres.min(axis=0) - reach, centres.max(axis=0) + reach
+    axes = [np.arange(lo[k], hi[k] + step, step) for k in range(3)]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    shape = pts.shape[:3]
+    pts = pts.reshape(-1, 3)
+    inside = (lesion_index(pts, [lesion]) > 0).reshape(shape)
+    other = (lesion_index(pts, near) > 0).reshape(shape)
+    if not other.any():
+        return float(limit)
+    if not inside.any():  # thinner than the sampling step: measure from its centres
+        d = np.min(np.linalg.norm(pts[other.ravel()][:, None, :] - centres[None], axis=-1))
+        return float(min(limit, d))
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(~inside, sampling=step)
+    return float(min(limit, dist[other].min()))
 
 
 def lesion_index(

@@ -35,6 +35,7 @@ from .tissue import BASE_TISSUES, TissueModel, inversion_recovery, spin_echo
 # RNG stream codes (one independent stream per component, so changing one does not shift others)
 _S_ANAT, _S_TISSUE, _S_LESION, _S_FIELDS, _S_SESSION = 1, 2, 3, 4, 5
 _S_NOISE_MRF, _S_NOISE_T2W, _S_NOISE_FLAIR, _S_MANUAL = 10, 11, 12, 13
+_S_MANUAL_NEW = 14  # the rater's new/enlarged mask at a follow-up
 COMPONENTS = ("lesion", "WM", "GM", "CSF")  # order of the dominant-tissue rule (ties -> earlier)
 
 
@@ -71,6 +72,9 @@ class SessionModel:
     gain_factor: float
     receive: dict[str, FourierField]
     stream: int
+    #: lesion_id of the baseline lesions that are enlarged in this (follow-up) session; the lesions of
+    #: ``lesions`` whose id is not in ``previous_lesions`` are new
+    enlarged_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -175,6 +179,7 @@ class SubjectModel:
         pose0 = pose0 @ random_rigid(r_ses, anat["pose"]["translation_mm"], anat["pose"]["rotation_deg"])
         prev: list[Lesion] | None = None
         lesions = base_lesions
+        enlarged: tuple[int, ...] = ()
         lcfg = cfg["longitudinal"]
         for s_i, lab in enumerate(labels):
             pose = pose0
@@ -187,6 +192,8 @@ class SubjectModel:
                 lesions = followup_lesions(
                     r_les, atlas, lesions, z_range, cfg["lesions"], cfg["lesion_tissue"]
                 )
+                # followup_lesions keeps the baseline order and replaces an enlarged lesion by a copy
+                enlarged = tuple(b.lesion_id for b, f in zip(prev, lesions, strict=False) if f is not b)
             mm = anat["mrf_motion"]
             fm = anat["flair_motion"]
             rc = cfg["receive_bias"]
@@ -206,6 +213,7 @@ class SubjectModel:
                         for k in ("MRF", "T2w", "FLAIR")
                     },
                     stream=100 + s_i,
+                    enlarged_ids=enlarged,
                 )
             )
         return subj
@@ -276,7 +284,10 @@ def render(
 
     ``displacement`` (mm along +y, voxel grid): each voxel shows the anatomy at its centre + d ey
     (pull convention). Returns fractions GM, WM (incl. lesion), CSF, lesion; lesion ratio fields;
-    anatomical voxel centres ``a``; and, with ``extra_lesions``, their lesion fraction ``extra``.
+    anatomical voxel centres ``a``; and, with ``extra_lesions`` (the baseline's lesions at a follow-up),
+    their lesion fraction ``extra`` and ``new_owner``: per voxel, 1 + the index in ``lesions`` of the
+    lesion holding most of the voxel's new lesion tissue (white-matter-weighted sub-voxel samples in a
+    lesion of ``lesions`` and in none of ``extra_lesions``), 0 where there is none (int32).
     """
     shape = space.shape
     world = space.world_centres()
@@ -292,6 +303,7 @@ def render(
     n_vox = flat_a.shape[0]
     keys = ("GM", "WM", "CSF", "lesion", "t1_inc", "t2s_inc", "t2_inc", "pd_les", "extra")
     flat = {k: np.zeros(n_vox, dtype=np.float32) for k in keys}
+    owner = np.zeros(n_vox, dtype=np.int32)
     les_par = np.array(
         [[0.0, 0.0, 0.0, 0.0]] + [[le.t1_increase, le.t2s_increase, le.t2_increase, le.pd] for le in lesions]
     )
@@ -317,8 +329,17 @@ def render(
         if extra_lesions:
             le = lesion_index(pts, extra_lesions, ac, margin)
             flat["extra"][vox] = ((le > 0) * wm).mean(axis=1)
+        if extra_lesions is not None and lesions:
+            new_w = np.where(le == 0, lw, 0.0) if extra_lesions else lw  # new lesion samples x WM
+            rows = np.flatnonzero(new_w.sum(axis=1) > 0)
+            if rows.size:
+                votes = np.zeros((rows.size, len(lesions) + 1))
+                np.add.at(votes, (np.repeat(np.arange(rows.size), n_s), li[rows].ravel()), new_w[rows].ravel())
+                owner[vox[rows]] = np.argmax(votes[:, 1:], axis=1) + 1
     out: dict[str, np.ndarray] = {k: v.reshape(shape) for k, v in flat.items()}
     out["a"] = a
+    if extra_lesions is not None:
+        out["new_owner"] = owner.reshape(shape)
     return out
 
 
