@@ -94,6 +94,8 @@ if LONG.enabled:
     rule longitudinal_train:
         input:
             [f for s in LONG.stems("train", True) + LONG.stems("val", True) for f in LONG.training_files(s).values()],
+            # the single time points of the encoder's pre-training (network.pretrain_epochs > 0)
+            [f for d in LONG.pretrain_sessions() for f in (d["flair"], d["lesion"])],
         output:
             best=_LFILES["best"],
             history=_LFILES["history"],
@@ -104,6 +106,7 @@ if LONG.enabled:
             val_files=[LONG.training_files(s) for s in LONG.stems("val", True)],
             val_ids=[LONG.pair_id(s) for s in LONG.stems("val", True)],
             state_dir=file(WORK_FILES, "longitudinal_state", WORK, network=LONG.network),
+            pretrain=LONG.pretrain_sessions(),
         # CPU training is deterministic for a given thread count, not across counts: a new count retrains
         threads: int(_LCFG["threads"])
         resources:

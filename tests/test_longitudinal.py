@@ -232,3 +232,27 @@ def test_prepare_writes_a_halfway_pair(tmp_path) -> None:
     assert np.median(b[brain]) == pytest.approx(1.0, abs=1e-3)
     assert np.median(f[brain]) == pytest.approx(1.0, abs=1e-3)  # the 10 % gain change is gone
     assert np.abs(b - f)[core].mean() < 0.02
+
+
+def test_a_lesion_in_pieces_counts_once_with_lesion_ids() -> None:
+    """An enlarging lesion's rim in two pieces (the phantom's ids say one lesion): one reference lesion,
+    detected when either piece is hit; without ids, two components, one missed."""
+    shape = (20, 20, 10)
+    ref = np.zeros(shape, np.uint8)
+    ids = np.zeros(shape, np.int16)
+    ref[2:4, 2:4, 2:4] = 1
+    ids[2:4, 2:4, 2:4] = 7
+    ref[8:10, 2:4, 2:4] = 1  # not touching the first piece
+    ids[8:10, 2:4, 2:4] = 7
+    ref[14:17, 14:17, 5:7] = 1  # another lesion, missed
+    ids[14:17, 14:17, 5:7] = 9
+    pred = np.zeros(shape, np.uint8)
+    pred[2:4, 2:4, 2:4] = 1
+    grouped = pair_metrics(pred, ref, 0.003, 0.01, ref_ids=ids)
+    plain = pair_metrics(pred, ref, 0.003, 0.01)
+    assert (grouped["n_ref"], grouped["tp"], grouped["sensitivity"]) == (2, 1, 0.5)
+    assert (grouped["n_ref_components"], grouped["sensitivity_components"]) == (3, pytest.approx(1 / 3))
+    assert (plain["n_ref"], plain["tp"]) == (3, 1)
+    # the Dice over detected lesions takes the whole detected lesion (both pieces)
+    assert grouped["dice"] == pytest.approx(2 * 8 / (16 + 8))
+    assert plain["dice"] == pytest.approx(1.0)

@@ -194,10 +194,12 @@ DERIVATIVES: dict[str, dict[str, dict[str, str]]] = {
         "lesions": {"desc": "longitudinal", "suffix": "lesions", "extension": ".tsv"},
         "report": {"desc": "longitudinal", "suffix": "report", "extension": ".html"},
     },
-    # the phantom's true new/enlarged lesions on the follow-up's FLAIR grid (mask; dseg 1 new, 2 enlarged)
+    # the phantom's true new/enlarged lesions on the follow-up's FLAIR grid (mask; dseg 1 new, 2 enlarged;
+    # lesionid: the lesion each voxel's new tissue belongs to)
     "truth_longitudinal": {
         "mask": {"space": "FLAIR", "label": "newenlarged", "suffix": "mask"},
         "dseg": {"space": "FLAIR", "desc": "newenlarged", "suffix": "dseg"},
+        "lesionid": {"space": "FLAIR", "desc": "newenlargedid", "suffix": "dseg"},
     },
     # the phantom's per-lesion truth (the BIDS dseg look-up table of truth ``lesionid``)
     "truth_table": {

@@ -446,6 +446,18 @@ def _write_session(
         )
         write_tsv(truth_dir / nm("dseg", ".tsv", space="FLAIR", desc="newenlarged"), ["index", "name"],
                   [[1, "new"], [2, "enlarged"]])
+        truth(
+            nm("dseg", space="FLAIR", desc="newenlargedid"),
+            (owner * newm_f).astype(np.int16),
+            aff,
+            _truth_sidecar(
+                "1",
+                "New/enlarged lesions at follow-up in FLAIR space by lesion: the phantom's lesion id (the "
+                "lesion holding most of the voxel's new tissue; ids as in the follow-up's desc-lesionid "
+                "table) on label-newenlarged_mask, 0 elsewhere. An enlarging lesion's new rim may break "
+                "into several 26-connected pieces on the voxel grid; it is still one lesion.",
+            ),
+        )
         manual_new = _manual_mask(
             rng_for(subject.seed, subject.index, _S_MANUAL_NEW, ses.stream),
             np.clip(frac_f - r_f.extra, 0.0, None),

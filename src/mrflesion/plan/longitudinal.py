@@ -29,12 +29,14 @@ class LongitudinalPlan:
         self.phantom = bool(plan.phantom)
         self.truth_root = f"{plan.bids_dir}/derivatives/truth"
         self.pairs: dict[str, Pair] = {}
+        self.sessions: dict[tuple[str, str | None], Any] = {}
         self.unpaired: list[tuple[str, str]] = []
         self.network = str(self.cfg["network"].get("name", "Siamese3D"))
         self.problem: str | None = None
         if not self.cfg.get("enabled", True):
             self.problem = "longitudinal.enabled is false"
             return
+        self.sessions = {(s.subject, s.session): s for s in plan.subjects.values()}
         pairs, self.unpaired = make_pairs(plan.subjects.values(), self.cfg, plan.bids_dir, self.phantom)
         self.pairs = {p.stem: p for p in pairs}
         splits = make_splits(subject_rows(plan.subjects.values()), config["training"]["split"])
@@ -69,6 +71,21 @@ class LongitudinalPlan:
     def training_files(self, stem: str) -> dict[str, str]:
         return self.prepared(stem, ("baseline", "followup", "brain", "target"))
 
+    def pretrain_sessions(self) -> list[dict[str, str]]:
+        """The single time points the encoder is pre-trained on (``network.pretrain_epochs`` > 0): both
+        sessions of every training pair, each FLAIR with its manual lesion mask (key, flair, lesion)."""
+        if not int(self.cfg["network"].get("pretrain_epochs", 0)):
+            return []
+        out = []
+        for stem in self.stems("train", annotated=True):
+            p = self.pairs[stem]
+            for ses in (p.baseline, p.followup):
+                s = self.sessions[(p.subject, ses)]
+                if "lesion" in s.files:
+                    out.append({"key": f"sub-{p.subject}_ses-{ses}", "flair": s.files["flair"],
+                                "lesion": s.files["lesion"]})
+        return sorted({d["key"]: d for d in out}.values(), key=lambda d: d["key"])
+
     def model_files(self) -> dict[str, str]:
         return {k: layout.file(layout.LONGITUDINAL, k, self.out, network=self.network) for k in ("best", "history")}
 
@@ -89,8 +106,8 @@ class LongitudinalPlan:
         """The pair's reference: the phantom's truth (mask and dseg) or the manual mask, where any."""
         p = self.pairs[stem]
         if self.phantom:
-            return {"reference": layout.derivative("truth_longitudinal", "mask", self.truth_root, stem=stem),
-                    "reference_dseg": layout.derivative("truth_longitudinal", "dseg", self.truth_root, stem=stem)}
+            return {key: layout.derivative("truth_longitudinal", k, self.truth_root, stem=stem)
+                    for key, k in (("reference", "mask"), ("reference_dseg", "dseg"), ("reference_ids", "lesionid"))}
         return {"reference": p.reference} if p.reference else {}
 
     def evaluate_inputs(self, stem: str) -> dict[str, str]:

@@ -193,11 +193,30 @@ def fit_comparator(pairs: Sequence[Mapping[str, str]], ids: Sequence[str], cfg: 
     return rec
 
 
+def single_timepoints(sessions: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
+    """The pre-training volumes of the encoder: each session's FLAIR (native grid, divided by its brain
+    median) with its manual lesion mask (all lesions), from (key, flair, lesion) mappings."""
+    from ..longitudinal.preprocess import normalise
+    from ..masking import series_brain_mask
+
+    out = []
+    for s in sessions:
+        flair, img = _load(s["flair"])
+        les = _on_grid(s["lesion"], s["flair"], "the manual lesion mask", s["key"])
+        brain = series_brain_mask(flair[..., None]) & (flair > 0)
+        out.append({"id": s["key"], "image": normalise(flair, brain), "brain": brain,
+                    "target": (les > 0.5).astype(np.uint8), "voxel_mm": _zooms(img)})
+    return out
+
+
 def train(train_files: Sequence[Mapping[str, str]], train_ids: Sequence[str],
           val_files: Sequence[Mapping[str, str]], val_ids: Sequence[str], spec: Mapping[str, Any],
-          state_dir: str, out: Mapping[str, str], device: str, threads: int) -> None:
+          state_dir: str, out: Mapping[str, str], device: str, threads: int,
+          pretrain: Sequence[Mapping[str, str]] = ()) -> None:
     """Rule ``longitudinal_train``: the siamese 3D network (:func:`mrflesion.longitudinal.train.
-    train_longitudinal`), resumable in ``state_dir``; its best.pt and history.tsv copied to ``out``."""
+    train_longitudinal`), resumable in ``state_dir``, its encoder first pre-trained on the training
+    subjects' single time points (``pretrain``: key, flair, lesion) when ``pretrain_epochs`` > 0; its
+    best.pt and history.tsv copied to ``out``."""
     import shutil
 
     from ..device import resolve_device
@@ -211,8 +230,9 @@ def train(train_files: Sequence[Mapping[str, str]], train_ids: Sequence[str],
         fail("longitudinal: no training pair with a manual new/enlarged mask")
     dev = resolve_device(device)
     net_spec = LongitudinalSpec.from_config({k: v for k, v in spec.items() if k != "name"})
-    res = train_longitudinal(tr, va, net_spec, state_dir, device=dev,
-                             threads=threads, progress=Progress())
+    pre = single_timepoints(pretrain) if net_spec.pretrain_epochs else None
+    res = train_longitudinal(tr, va, net_spec, state_dir, device=dev, threads=threads, progress=Progress(),
+                             pretrain_volumes=pre)
     os.makedirs(os.path.dirname(out["best"]), exist_ok=True)
     for key in ("best", "history"):
         src = os.path.join(state_dir, os.path.basename(out[key]))
@@ -285,6 +305,9 @@ def evaluate(files: Mapping[str, str], out: Mapping[str, str], pair: Mapping[str
                        pair["pair"]) > 0.5
     if "reference_dseg" in files:
         dseg = _on_grid(files["reference_dseg"], files["flair_followup"], "the reference dseg", pair["pair"])
+    ids = None
+    if "reference_ids" in files:
+        ids = _on_grid(files["reference_ids"], files["flair_followup"], "the reference lesion ids", pair["pair"])
     if "lesion_baseline" in files:
         les_bl = _load(files["lesion_baseline"])[0] > 0.5
     rows = []
@@ -292,7 +315,8 @@ def evaluate(files: Mapping[str, str], out: Mapping[str, str], pair: Mapping[str
     for m, (_, b) in maps.items():
         base = {"pair": pair["pair"], "subject": pair["subject"], "site": pair["site"], "split": pair["split"],
                 "method": m, "reference": pair["reference_name"] if ref is not None else "none"}
-        met = pair_metrics(b, ref, vml, 0.01, les_bl, dseg) if ref is not None else dict.fromkeys(METRICS, np.nan)
+        met = (pair_metrics(b, ref, vml, 0.01, les_bl, dseg, ids) if ref is not None
+               else dict.fromkeys(METRICS, np.nan))
         if ref is None:  # counts of the prediction are still meaningful
             met.update({k: v for k, v in pair_metrics(b, np.zeros_like(b), vml, 0.01, les_bl).items()
                         if k in ("n_pred", "n_new", "n_enlarged", "volume_new_ml", "volume_enlarged_ml")})
@@ -309,8 +333,9 @@ def evaluate(files: Mapping[str, str], out: Mapping[str, str], pair: Mapping[str
     table.to_csv(out["metrics"], sep="\t", index=False, na_rep="n/a", float_format="%.4g")
     pd.DataFrame(lesion_rows, columns=["pair", "method", "component", "kind", "volume_ml", "overlaps_reference"]
                  ).to_csv(out["lesions"], sep="\t", index=False)
-    shown = table.set_index("method")[["sensitivity", "fp", "f1", "dice", "n_ref", "n_pred", "n_new", "n_enlarged",
-                                       "volume_new_ml", "volume_enlarged_ml"]].T.reset_index(names="metric")
+    shown = table.set_index("method")[["sensitivity", "fp", "f1", "dice", "n_ref", "n_ref_components", "n_pred",
+                                       "n_new", "n_enlarged", "volume_new_ml", "volume_enlarged_ml", "ref_n_new",
+                                       "ref_n_enlarged"]].T.reset_index(names="metric")
     bl_native = halfway_to_followup(a["baseline"], s, affine)
     fu_norm = halfway_to_followup(a["followup"], s, affine)
     with open(files["xfm"]) as fh:
@@ -386,7 +411,8 @@ def comparator_rule(smk: Any) -> None:
 def train_rule(smk: Any) -> None:
     train(smk.params.train_files, smk.params.train_ids, smk.params.val_files, smk.params.val_ids,
           smk.params.spec, smk.params.state_dir, dict(smk.output.items()),
-          device=str(smk.config["longitudinal"]["device"]), threads=int(smk.threads))
+          device=str(smk.config["longitudinal"]["device"]), threads=int(smk.threads),
+          pretrain=smk.params.pretrain)
 
 
 def evaluate_rule(smk: Any) -> None:
