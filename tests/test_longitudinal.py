@@ -256,3 +256,31 @@ def test_a_lesion_in_pieces_counts_once_with_lesion_ids() -> None:
     # the Dice over detected lesions takes the whole detected lesion (both pieces)
     assert grouped["dice"] == pytest.approx(2 * 8 / (16 + 8))
     assert plain["dice"] == pytest.approx(1.0)
+
+
+def test_training_job_gets_a_gpu_on_slurm_and_the_demo_plan() -> None:
+    """The SLURM profile gives the longitudinal training job a GPU, and the documented longitudinal
+    command plans one job per pair and stage, one training job and the group tables."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+
+    prof = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert prof["set-resources"]["longitudinal_train"]["gpu"] == 1
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "-n", "--quiet", "rules",
+         "--configfile", str(ROOT / "config.yaml"), str(ROOT / "config" / "longitudinal.yaml"),
+         "--config", "output_dir=/nonexistent/out", "work_dir=/nonexistent/work", "--", "longitudinal"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = {}
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts["longitudinal_prepare"] == counts["longitudinal_evaluate"] == 20  # one pair per subject
+    assert counts["longitudinal_train"] == counts["longitudinal_comparator"] == counts["longitudinal_group"] == 1
+    # training targets only for the training and validation pairs: 2 test patients per site never reach training
+    assert counts["longitudinal_target"] == 16

@@ -193,11 +193,19 @@ def pair_report(path: str | Path, pair: str, site: str, split: str, baseline: np
         slice_indices,
     )
 
+    if brain.any():  # crop to the brain (and a margin): the lesions are a few voxels wide
+        idx = np.argwhere(brain)
+        lo = np.maximum(idx.min(0) - 3, 0)
+        hi = np.minimum(idx.max(0) + 4, brain.shape)
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(None))
+        baseline, followup, brain = baseline[box], followup[box], brain[box]
+        reference = None if reference is None else reference[box]
+        maps = {k: (p[box], m[box]) for k, (p, m) in maps.items()}
     ref = np.zeros(followup.shape) if reference is None else (reference > 0).astype(float)
     union = ref.copy()
     for _, m in maps.values():
         union = np.maximum(union, (m > 0).astype(float))
-    zs = slice_indices(followup, n=6, prefer=union if union.any() else None)
+    zs = slice_indices(followup, n=5, prefer=union if union.any() else None)
     window = robust_window(baseline[brain], followup[brain]) if brain.any() else None
     diff = np.where(brain, followup - baseline, np.nan)
     colours = ("red", "yellow", "magenta", "orange")
@@ -214,7 +222,8 @@ def pair_report(path: str | Path, pair: str, site: str, split: str, baseline: np
                               contours=((mosaic((m > 0).astype(float), zs), c),)))
     legend = [(f"reference ({reference_name})", "cyan")] + [
         (name, c) for name, c in zip(maps, colours, strict=False)]
-    fig = _img(_mosaic_figure(rows, legend=legend), "baseline, follow-up, difference and new/enlarged maps")
+    fig = _img(_mosaic_figure(rows, legend=legend, max_w=12.0, max_h=3.2),
+               "baseline, follow-up, difference and new/enlarged maps")
     facts = "".join(f"<li>{_esc(k)}: {_esc(v)}</li>" for k, v in info.items())
     body = [
         f"<h1>New and enlarging lesions: {_esc(pair)}</h1>",
@@ -222,9 +231,10 @@ def pair_report(path: str | Path, pair: str, site: str, split: str, baseline: np
         f"{', '.join(map(str, zs))} of the follow-up FLAIR grid.</p>",
         fig,
         "<h2>Lesion-wise metrics</h2>",
-        html_table(metrics, caption="Rule A (docs/evaluation.md): components ≥ 0.01 ml, 26-connected; "
-                                    "a reference lesion is detected when a predicted component overlaps it. "
-                                    "New vs enlarging: touching the baseline lesion mask."),
+        html_table(metrics, caption="Rule A (docs/evaluation.md, docs/longitudinal.md): predicted lesions are "
+                                    "components ≥ 0.01 ml (26-connected); a reference lesion (n_ref; its "
+                                    "pieces: n_ref_components) is detected when a predicted component overlaps "
+                                    "it. New vs enlarging: touching the baseline lesion mask."),
         f"<h2>Pair</h2><ul>{facts}</ul>",
     ]
     return _write_atomic(Path(path), _page(f"mrflesion longitudinal {pair}", body))
@@ -237,8 +247,8 @@ def group_report(path: str | Path, pooled: pd.DataFrame, summary: pd.DataFrame, 
     per-site summary and the network-vs-comparator tests."""
     from ..evaluate.report import _esc, _page, _write_atomic, html_table
 
-    cols = ["pair", "site", "split", "method", "sensitivity", "fp", "f1", "dice", "n_ref", "n_pred",
-            "n_new", "n_enlarged", "volume_new_ml", "volume_enlarged_ml", "ref_n_new", "ref_n_enlarged"]
+    cols = ["pair", "site", "method", "sensitivity", "fp", "f1", "dice", "n_ref", "n_pred", "n_new", "n_enlarged",
+            "volume_new_ml", "volume_enlarged_ml"]
     show = metrics[metrics["split"] == split] if split != "all" else metrics
     un = "".join(f"<li>{_esc(s)}: {_esc(r)}</li>" for s, r in unpaired) or "<li>none</li>"
     body = [
