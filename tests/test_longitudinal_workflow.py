@@ -146,7 +146,7 @@ def test_target_mask_follows_the_anatomy(run: dict) -> None:
     out = run["out"]
     pairs = pd.read_csv(out / "group" / "longitudinal_pairs.tsv", sep="\t")
     ratios = []
-    for _, p in pairs.iterrows():
+    for _, p in pairs[pairs["split"] != "test"].iterrows():  # test pairs get no training target
         stem = out / p["subject"] / p["followup"] / "anat" / f"{p['subject']}_{p['followup']}"
         tgt = nib.load(f"{stem}_space-halfway_label-newenlarged_mask.nii.gz").get_fdata() > 0
         fu = nib.load(f"{stem}_space-halfway_desc-followup_FLAIR.nii.gz").get_fdata()
@@ -154,3 +154,6 @@ def test_target_mask_follows_the_anatomy(run: dict) -> None:
         if tgt.sum() >= 5:
             ratios.append(float(np.mean(fu[tgt] - bl[tgt])))
     assert ratios and np.median(ratios) > 0.1  # new lesion tissue: brighter at follow-up than at baseline
+    test = pairs.loc[pairs["split"] == "test"].iloc[0]
+    assert not (out / test["subject"] / test["followup"] / "anat"
+                / f"{test['subject']}_{test['followup']}_space-halfway_label-newenlarged_mask.nii.gz").exists()
