@@ -107,7 +107,8 @@ if LONG.enabled:
             val_ids=[LONG.pair_id(s) for s in LONG.stems("val", True)],
             state_dir=file(WORK_FILES, "longitudinal_state", WORK, network=LONG.network),
             pretrain=LONG.pretrain_sessions(),
-        # CPU training is deterministic for a given thread count, not across counts: a new count retrains
+            # CPU training is deterministic for a given thread count, not across counts: a new count retrains
+            threads=int(_LCFG["threads"]),
         threads: int(_LCFG["threads"])
         resources:
             mem_mb=int(_LCFG["mem_mb"]),

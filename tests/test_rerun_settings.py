@@ -50,10 +50,16 @@ NOT_RESULTS: dict[str, Any] = {
     "training.device": "cpu",
     "training.mem_mb": 5000,
     "training.runtime_min": 90,
+    # the longitudinal stage's: the device is read by its rule bodies from snakemake.config, memory and
+    # runtime are resources (rules/longitudinal.smk; its thread count is a param of the training job).
+    # This cohort has no pairs, so here they show only that the cross-sectional jobs ignore them
+    "longitudinal.device": "cpu",
+    "longitudinal.mem_mb": 5000,
+    "longitudinal.runtime_min": 90,
 }
 
 #: schema keys of the kinds above that do change results (see the module docstring)
-RESULT_RELEVANT = {"training.threads"}
+RESULT_RELEVANT = {"training.threads", "longitudinal.threads"}
 
 #: settings that change results: the new value and the jobs a dry run then plans (rule -> jobs)
 N = N_SUBJECTS
