@@ -182,8 +182,41 @@ def _match_components(
 # --------------------------------------------------------------------------- rule A
 
 
-def _rule_a(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: float, connectivity: int) -> _Matched:
-    return _match_components(pred_bin, ref_bin, lambda m: clean_components(m, voxel_ml, min_ml, connectivity))
+def lesions_by_id(ref_bin: np.ndarray, ids: np.ndarray, voxel_ml: float,
+                  min_ml: float = 0.01) -> tuple[np.ndarray, int, np.ndarray]:
+    """Reference lesions given by an id per voxel instead of by connectivity (labels 1..n, n, sizes in
+    voxels): one lesion per id among the voxels of ``ref_bin``, whatever pieces it forms; lesions
+    smaller than ``min_ml`` in total are dropped (as :func:`clean_components`)."""
+    ids = np.where(np.asarray(ref_bin).astype(bool), np.asarray(ids, dtype=np.int64), 0)
+    uniq, inv = np.unique(ids, return_inverse=True)
+    labels = inv.reshape(ids.shape)
+    if uniq[0] != 0:  # no background voxel at all
+        labels = labels + 1
+        uniq = np.concatenate([[0], uniq])
+    sizes = np.bincount(labels.ravel(), minlength=uniq.size)[1:]
+    keep = sizes * float(voxel_ml) >= float(min_ml) * (1.0 - _ML_RTOL)
+    labels, n, _ = _relabel_kept(labels, uniq.size - 1, keep)
+    return labels, n, sizes[keep]
+
+
+def _rule_a(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: float, connectivity: int,
+            ref_ids: np.ndarray | None = None) -> _Matched:
+    if ref_ids is None:
+        return _match_components(pred_bin, ref_bin, lambda m: clean_components(m, voxel_ml, min_ml, connectivity))
+    pred = np.asarray(pred_bin).astype(bool, copy=False)
+    if pred.shape != np.shape(ref_bin):
+        raise ValueError(f"shape mismatch: prediction {pred.shape} vs reference {np.shape(ref_bin)}")
+    ref_labels, n_ref, ref_sizes = lesions_by_id(ref_bin, ref_ids, voxel_ml, min_ml)
+    pred_labels, n_pred, pred_sizes = clean_components(pred, voxel_ml, min_ml, connectivity)
+    table = _overlap_table(ref_labels, n_ref, pred_labels, n_pred)
+    return _Matched(ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table)
+
+
+def match_lesions(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: float = 0.01,
+                  connectivity: int = 26, ref_ids: np.ndarray | None = None) -> _Matched:
+    """Rule A's cleaned, labelled lesions of both maps and their overlap table (what
+    :func:`lesionwise_metrics` scores); ``ref_ids``: reference lesions by id (:func:`lesions_by_id`)."""
+    return _rule_a(pred_bin, ref_bin, voxel_ml, min_ml, connectivity, ref_ids)
 
 
 def lesionwise_metrics(
@@ -192,16 +225,21 @@ def lesionwise_metrics(
     voxel_ml: float,
     min_ml: float = 0.01,
     connectivity: int = 26,
+    ref_ids: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Rule A lesion-wise metrics (see the module docstring).
 
     Keys: n_ref, n_pred, tp, fn, fp, sensitivity, fpr, lesion_precision (predicted components that
     overlap a reference lesion / predicted components; NaN with none), f1 (``lesion_f1``), dice (over
-    overlapping lesions only), ref_volume_ml, pred_volume_ml (after cleaning).
+    overlapping lesions only), ref_volume_ml, pred_volume_ml (after cleaning). ``ref_ids``: the reference
+    lesions are given by an id per voxel (:func:`lesions_by_id`) rather than by connectivity.
     """
-    ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table = _rule_a(
-        pred_bin, ref_bin, voxel_ml, min_ml, connectivity
-    )
+    return metrics_of(_rule_a(pred_bin, ref_bin, voxel_ml, min_ml, connectivity, ref_ids), voxel_ml)
+
+
+def metrics_of(matched: _Matched, voxel_ml: float) -> dict[str, float]:
+    """:func:`lesionwise_metrics` of matched lesions (:func:`match_lesions`)."""
+    _, n_ref, ref_sizes, _, n_pred, pred_sizes, table = matched
     core = table[1:, 1:]
     ref_hit = np.asarray((core > 0).sum(axis=1)).ravel() > 0
     pred_hit = np.asarray((core > 0).sum(axis=0)).ravel() > 0

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..evaluate.lesionwise import clean_components
+from ..evaluate.lesionwise import lesionwise_metrics, match_lesions, metrics_of
 from ..evaluate.metrics import structure
 
 #: metrics of a pair per method, in table order (what the group tables summarise)
@@ -60,50 +60,6 @@ def component_kinds(labels: np.ndarray, n: int, lesion_baseline: np.ndarray | No
     return kinds
 
 
-def reference_lesions(ref: np.ndarray, voxel_ml: float, min_ml: float = 0.01,
-                      ids: np.ndarray | None = None) -> tuple[np.ndarray, int, np.ndarray]:
-    """The reference lesions as labels 1..n, n and their sizes (voxels): the 26-connected components of
-    ``ref`` (rule A), or, with ``ids`` (a lesion id per reference voxel, the phantom's truth), one lesion
-    per id, whatever pieces its voxels form; lesions smaller than ``min_ml`` are dropped."""
-    if ids is None:
-        return clean_components(np.asarray(ref) > 0, voxel_ml, min_ml)
-    ids = np.where(np.asarray(ref) > 0, np.asarray(ids, dtype=np.int64), 0)
-    uniq, inv = np.unique(ids, return_inverse=True)
-    labels = inv.reshape(ids.shape)  # 0 stays 0: uniq[0] == 0 wherever ref has background
-    if uniq.size == 0 or uniq[0] != 0:
-        labels = labels + 1
-        uniq = np.concatenate([[0], uniq])
-    sizes = np.bincount(labels.ravel(), minlength=uniq.size)[1:]
-    keep = sizes * float(voxel_ml) >= float(min_ml) * (1.0 - 1e-9)
-    lut = np.zeros(uniq.size, dtype=np.int64)
-    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut[labels], int(keep.sum()), sizes[keep]
-
-
-def _detection(pred_labels: np.ndarray, n_pred: int, pred_sizes: np.ndarray, ref_labels: np.ndarray, n_ref: int,
-               ref_sizes: np.ndarray) -> dict[str, float]:
-    """Rule A's counts from labelled maps: detected reference lesions, false-positive components, the
-    lesion-wise F1 and the Dice over overlapping lesions."""
-    from ..evaluate.lesionwise import lesion_f1
-
-    both = (ref_labels > 0) & (pred_labels > 0)
-    ref_hit = np.zeros(n_ref + 1, bool)
-    pred_hit = np.zeros(n_pred + 1, bool)
-    ref_hit[np.unique(ref_labels[both])] = True
-    pred_hit[np.unique(pred_labels[both])] = True
-    ref_hit[0] = pred_hit[0] = False
-    tp, pt = int(ref_hit.sum()), int(pred_hit.sum())
-    nan = float("nan")
-    dice = nan
-    if tp:
-        inter = float((ref_hit[ref_labels] & pred_hit[pred_labels]).sum())
-        dice = 2.0 * inter / float(ref_sizes[ref_hit[1:]].sum() + pred_sizes[pred_hit[1:]].sum())
-    return {"n_ref": float(n_ref), "n_pred": float(n_pred), "tp": float(tp), "fp": float(n_pred - pt),
-            "sensitivity": tp / n_ref if n_ref else nan, "fpr": (n_pred - pt) / n_ref if n_ref else nan,
-            "lesion_precision": pt / n_pred if n_pred else nan, "f1": lesion_f1(n_ref, tp, n_pred, pt),
-            "dice": dice, "_ref_hit": ref_hit}  # type: ignore[dict-item]
-
-
 def pair_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, min_ml: float = 0.01,
                  lesion_baseline: np.ndarray | None = None, ref_dseg: np.ndarray | None = None,
                  ref_ids: np.ndarray | None = None) -> dict[str, float]:
@@ -112,23 +68,19 @@ def pair_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, min_ml: flo
     kind of reference lesion (NaN where the reference has none of that kind). ``ref_ids``: a lesion id
     per reference voxel (the phantom's truth): each lesion counts once however many pieces its new
     tissue forms (``n_ref_components``, ``sensitivity_components``: the plain rule A figures)."""
-    pred_labels, n_pred, pred_sizes = clean_components(np.asarray(pred) > 0, voxel_ml, min_ml)
-    ref_labels, n_ref, ref_sizes = reference_lesions(ref, voxel_ml, min_ml, ref_ids)
-    det = _detection(pred_labels, n_pred, pred_sizes, ref_labels, n_ref, ref_sizes)
-    hit = det.pop("_ref_hit")
-    out: dict[str, float] = dict(det)
-    if ref_ids is not None:
-        c_labels, c_n, c_sizes = clean_components(np.asarray(ref) > 0, voxel_ml, min_ml)
-        comp = _detection(pred_labels, n_pred, pred_sizes, c_labels, c_n, c_sizes)
-        out["n_ref_components"] = float(c_n)
-        out["sensitivity_components"] = comp["sensitivity"]
-    else:
-        out["n_ref_components"] = float(n_ref)
-        out["sensitivity_components"] = det["sensitivity"]
-    p_kind = component_kinds(pred_labels, n_pred, lesion_baseline, None)
-    r_kind = component_kinds(ref_labels, n_ref, lesion_baseline, ref_dseg)
-    p_vol = np.asarray(pred_sizes, np.float64) * voxel_ml
-    r_vol = np.asarray(ref_sizes, np.float64) * voxel_ml
+    matched = match_lesions(pred, ref, voxel_ml, min_ml, ref_ids=ref_ids)
+    m = metrics_of(matched, voxel_ml)
+    out: dict[str, float] = {k: float(m[k]) for k in ("sensitivity", "fp", "fpr", "f1", "dice",
+                                                       "lesion_precision", "n_ref", "n_pred", "tp")}
+    plain = m if ref_ids is None else lesionwise_metrics(pred, ref, voxel_ml, min_ml)
+    out["n_ref_components"] = float(plain["n_ref"])
+    out["sensitivity_components"] = float(plain["sensitivity"])
+    hit = np.zeros(matched.n_ref + 1, bool)
+    hit[1:] = np.asarray((matched.table[1:, 1:] > 0).sum(axis=1)).ravel() > 0
+    p_kind = component_kinds(matched.pred_labels, matched.n_pred, lesion_baseline, None)
+    r_kind = component_kinds(matched.ref_labels, matched.n_ref, lesion_baseline, ref_dseg)
+    p_vol = np.asarray(matched.pred_sizes, np.float64) * voxel_ml
+    r_vol = np.asarray(matched.ref_sizes, np.float64) * voxel_ml
     for kind, name in KIND_NAMES.items():
         pk = p_kind[1:] == kind
         rk = r_kind[1:] == kind

@@ -111,12 +111,17 @@ def to_halfway_mask(mask: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return (resample_linear(mask.astype(np.float32), coords) >= 0.5).astype(np.uint8)
 
 
-def halfway_to_followup(volume: np.ndarray, s: np.ndarray, affine_followup: np.ndarray) -> np.ndarray:
-    """A map of the halfway grid (the follow-up grid moved by ``S^-1``) back on the follow-up's native
-    grid: the follow-up point ``p`` lies at ``S^-1 p`` in halfway space. Trilinear; float32."""
+def followup_coordinates(s: np.ndarray, affine_followup: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Where each voxel of the follow-up's native grid lies in the halfway grid (voxel coordinates,
+    (X, Y, Z, 3)): the follow-up point ``p`` is at ``S^-1 p`` in halfway space."""
     a = np.asarray(affine_followup, float)
-    vox = np.linalg.inv(a) @ np.linalg.inv(s) @ a
-    return resample_linear(volume, grid_coordinates(vox, volume.shape))
+    return grid_coordinates(np.linalg.inv(a) @ np.linalg.inv(s) @ a, shape)
+
+
+def halfway_to_followup(volume: np.ndarray, s: np.ndarray, affine_followup: np.ndarray) -> np.ndarray:
+    """A map of the halfway grid back on the follow-up's native grid (:func:`followup_coordinates`).
+    Trilinear; float32. For several maps, compute the coordinates once and use :func:`resample_linear`."""
+    return resample_linear(volume, followup_coordinates(s, affine_followup, volume.shape))
 
 
 def baseline_to_followup(volume: np.ndarray, t_ras: np.ndarray, shape: Sequence[int],

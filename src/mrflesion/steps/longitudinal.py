@@ -256,7 +256,7 @@ def evaluate(files: Mapping[str, str], out: Mapping[str, str], pair: Mapping[str
     from ..longitudinal.comparator import SubtractionParams, detect
     from ..longitudinal.evaluate import METRICS, component_kinds, pair_metrics, pair_report
     from ..longitudinal.infer import load_model, predict_pair
-    from ..longitudinal.preprocess import halfway_to_followup
+    from ..longitudinal.preprocess import followup_coordinates, resample_linear
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, int(threads)))
@@ -266,15 +266,20 @@ def evaluate(files: Mapping[str, str], out: Mapping[str, str], pair: Mapping[str
     zooms = _zooms(fu_img)
     vml = voxel_volume_ml(zooms)
     affine = np.asarray(fu_img.affine, float)
-    brain_fu = halfway_to_followup(a["brain"].astype(np.float32), s, affine) >= 0.5
+    back = followup_coordinates(s, affine, fu_native.shape)  # halfway -> follow-up grid, for every map
+
+    def to_followup(volume: np.ndarray) -> np.ndarray:
+        return resample_linear(volume, back)
+
+    brain_fu = to_followup(a["brain"].astype(np.float32)) >= 0.5
     model, spec, meta = load_model(files["model"], device)
     prob_h = predict_pair(model, a["baseline"], a["followup"], a["brain"], meta["patch"], overlap=spec.overlap,
                           device=device)
-    prob = np.where(brain_fu, np.clip(halfway_to_followup(prob_h, s, affine), 0.0, 1.0), 0.0).astype(np.float32)
+    prob = np.where(brain_fu, np.clip(to_followup(prob_h), 0.0, 1.0), 0.0).astype(np.float32)
     with open(files["comparator"]) as fh:
         comp = SubtractionParams.from_dict(json.load(fh)["params"])
     score_h, _ = detect(a["baseline"], a["followup"], a["brain"], a["voxel_mm"], comp)
-    score = np.where(brain_fu, halfway_to_followup(score_h, s, affine), 0.0).astype(np.float32)
+    score = np.where(brain_fu, to_followup(score_h), 0.0).astype(np.float32)
     maps = {
         network: (prob, lesion_mask(prob, spec.threshold, vml, spec.min_lesion_ml)),
         COMPARATOR: (score, lesion_mask(score, comp.difference, vml, comp.min_lesion_ml)),
@@ -336,8 +341,8 @@ def evaluate(files: Mapping[str, str], out: Mapping[str, str], pair: Mapping[str
     shown = table.set_index("method")[["sensitivity", "fp", "f1", "dice", "n_ref", "n_ref_components", "n_pred",
                                        "n_new", "n_enlarged", "volume_new_ml", "volume_enlarged_ml", "ref_n_new",
                                        "ref_n_enlarged"]].T.reset_index(names="metric")
-    bl_native = halfway_to_followup(a["baseline"], s, affine)
-    fu_norm = halfway_to_followup(a["followup"], s, affine)
+    bl_native = to_followup(a["baseline"])
+    fu_norm = to_followup(a["followup"])
     with open(files["xfm"]) as fh:
         x = json.load(fh)
     info = {"baseline": pair["baseline"], "follow-up": pair["followup"],
