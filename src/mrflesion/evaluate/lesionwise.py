@@ -199,8 +199,10 @@ def lesions_by_id(ref_bin: np.ndarray, ids: np.ndarray, voxel_ml: float,
     return labels, n, sizes[keep]
 
 
-def _rule_a(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: float, connectivity: int,
-            ref_ids: np.ndarray | None = None) -> _Matched:
+def match_lesions(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: float = 0.01,
+                  connectivity: int = 26, ref_ids: np.ndarray | None = None) -> _Matched:
+    """Rule A's cleaned, labelled lesions of both maps and their overlap table (what
+    :func:`lesionwise_metrics` scores); ``ref_ids``: reference lesions by id (:func:`lesions_by_id`)."""
     if ref_ids is None:
         return _match_components(pred_bin, ref_bin, lambda m: clean_components(m, voxel_ml, min_ml, connectivity))
     pred = np.asarray(pred_bin).astype(bool, copy=False)
@@ -212,11 +214,10 @@ def _rule_a(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: 
     return _Matched(ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table)
 
 
-def match_lesions(pred_bin: np.ndarray, ref_bin: np.ndarray, voxel_ml: float, min_ml: float = 0.01,
-                  connectivity: int = 26, ref_ids: np.ndarray | None = None) -> _Matched:
-    """Rule A's cleaned, labelled lesions of both maps and their overlap table (what
-    :func:`lesionwise_metrics` scores); ``ref_ids``: reference lesions by id (:func:`lesions_by_id`)."""
-    return _rule_a(pred_bin, ref_bin, voxel_ml, min_ml, connectivity, ref_ids)
+def lesion_hits(matched: _Matched) -> tuple[np.ndarray, np.ndarray]:
+    """Which reference lesions (n_ref,) and which predicted components (n_pred,) overlap the other map."""
+    core = matched.table[1:, 1:] > 0
+    return np.asarray(core.sum(axis=1)).ravel() > 0, np.asarray(core.sum(axis=0)).ravel() > 0
 
 
 def lesionwise_metrics(
@@ -234,15 +235,14 @@ def lesionwise_metrics(
     overlapping lesions only), ref_volume_ml, pred_volume_ml (after cleaning). ``ref_ids``: the reference
     lesions are given by an id per voxel (:func:`lesions_by_id`) rather than by connectivity.
     """
-    return metrics_of(_rule_a(pred_bin, ref_bin, voxel_ml, min_ml, connectivity, ref_ids), voxel_ml)
+    return metrics_of(match_lesions(pred_bin, ref_bin, voxel_ml, min_ml, connectivity, ref_ids), voxel_ml)
 
 
 def metrics_of(matched: _Matched, voxel_ml: float) -> dict[str, float]:
     """:func:`lesionwise_metrics` of matched lesions (:func:`match_lesions`)."""
     _, n_ref, ref_sizes, _, n_pred, pred_sizes, table = matched
     core = table[1:, 1:]
-    ref_hit = np.asarray((core > 0).sum(axis=1)).ravel() > 0
-    pred_hit = np.asarray((core > 0).sum(axis=0)).ravel() > 0
+    ref_hit, pred_hit = lesion_hits(matched)
     tp = int(ref_hit.sum())
     fp = int(n_pred - pred_hit.sum())
     nan = float("nan")
@@ -281,7 +281,7 @@ def lesion_table(
     (0 when the lesion is missed). Lesion ids are the labels 1..n of the cleaned reference map
     (scipy.ndimage.label order).
     """
-    ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table = _rule_a(
+    ref_labels, n_ref, ref_sizes, pred_labels, n_pred, pred_sizes, table = match_lesions(
         pred_bin, ref_bin, voxel_ml, min_ml, connectivity
     )
     core = table[1:, 1:].tocsr()

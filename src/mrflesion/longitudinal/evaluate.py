@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..evaluate.lesionwise import lesionwise_metrics, match_lesions, metrics_of
+from ..evaluate.lesionwise import lesion_hits, lesionwise_metrics, match_lesions, metrics_of
 from ..evaluate.metrics import structure
 
 #: metrics of a pair per method, in table order (what the group tables summarise)
@@ -75,8 +75,7 @@ def pair_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, min_ml: flo
     plain = m if ref_ids is None else lesionwise_metrics(pred, ref, voxel_ml, min_ml)
     out["n_ref_components"] = float(plain["n_ref"])
     out["sensitivity_components"] = float(plain["sensitivity"])
-    hit = np.zeros(matched.n_ref + 1, bool)
-    hit[1:] = np.asarray((matched.table[1:, 1:] > 0).sum(axis=1)).ravel() > 0
+    hit = np.concatenate([[False], lesion_hits(matched)[0]])
     p_kind = component_kinds(matched.pred_labels, matched.n_pred, lesion_baseline, None)
     r_kind = component_kinds(matched.ref_labels, matched.n_ref, lesion_baseline, ref_dseg)
     p_vol = np.asarray(matched.pred_sizes, np.float64) * voxel_ml
